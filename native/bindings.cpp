@@ -1,0 +1,127 @@
+// Raw Python bindings of the C API in specee.h (module specee_pc._native).
+// Each class owns one C object; the friendly API lives in specee_pc/.
+#include "specee.h"
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+using float_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+class Weights {
+  public:
+    explicit Weights(const std::string & path) {
+        char err[600] = {0};
+        w_.reset(specee_weights_init_from_file(path.c_str(), err, sizeof(err)));
+        if (!w_) throw py::value_error(err);
+        info_ = specee_weights_get_info(w_.get());
+    }
+
+    const specee_weights_info & info() const { return info_; }
+
+    float_array output_norm() const {
+        return float_array(info_.n_embd, specee_weights_output_norm(w_.get()));
+    }
+
+    float_array lm_head_rows(const std::vector<int32_t> & ids) const {
+        float_array rows({(py::ssize_t) ids.size(), (py::ssize_t) info_.n_embd});
+        bool ok;
+        {
+            py::gil_scoped_release release;
+            ok = specee_weights_lm_head_rows(w_.get(), ids.data(), (int32_t) ids.size(), rows.mutable_data());
+        }
+        if (!ok) throw py::index_error("token id out of range [0, " + std::to_string(info_.n_vocab) + ")");
+        return rows;
+    }
+
+    float_array final_norm(const float_array & x) const {
+        if (x.ndim() != 1 || x.shape(0) != info_.n_embd) {
+            throw py::value_error("final_norm expects a vector of n_embd = " + std::to_string(info_.n_embd) + " values");
+        }
+        float_array y(info_.n_embd);
+        specee_weights_final_norm(w_.get(), x.data(), y.mutable_data());
+        return y;
+    }
+
+  private:
+    struct deleter { void operator()(specee_weights * w) const { specee_weights_free(w); } };
+    std::unique_ptr<specee_weights, deleter> w_;
+    specee_weights_info info_{};
+};
+
+class Hook {
+  public:
+    Hook(int32_t n_layer, int32_t n_embd) : n_layer_(n_layer), n_embd_(n_embd), h_(specee_hook_init(n_layer, n_embd)) {}
+
+    uintptr_t callback_address() const { return reinterpret_cast<uintptr_t>(&specee_hook_eval_callback); }
+    uintptr_t user_data_address() const { return reinterpret_cast<uintptr_t>(h_.get()); }
+
+    void set_capture(const std::vector<int32_t> & layers) {
+        for (int32_t il : layers) check_layer(il);
+        specee_hook_set_capture(h_.get(), layers.data(), (int32_t) layers.size());
+    }
+    void begin_step() { specee_hook_begin_step(h_.get()); }
+
+    float_array hidden(int32_t il) const {
+        check_layer(il);
+        float_array out(n_embd_);
+        if (!specee_hook_get_hidden(h_.get(), il, out.mutable_data())) {
+            throw py::key_error("layer " + std::to_string(il) + " was not captured in the last decode step");
+        }
+        return out;
+    }
+
+    std::vector<int32_t> seen_layers() const {
+        std::vector<int32_t> seen;
+        for (int32_t il = 0; il < n_layer_; ++il) {
+            if (specee_hook_saw_layer(h_.get(), il)) seen.push_back(il);
+        }
+        return seen;
+    }
+
+  private:
+    void check_layer(int32_t il) const {
+        if (il < 0 || il >= n_layer_) throw py::index_error("layer " + std::to_string(il) + " out of range [0, " + std::to_string(n_layer_) + ")");
+    }
+    struct deleter { void operator()(specee_hook * h) const { specee_hook_free(h); } };
+    int32_t n_layer_;
+    int32_t n_embd_;
+    std::unique_ptr<specee_hook, deleter> h_;
+};
+
+} // namespace
+
+PYBIND11_MODULE(_native, m) {
+    m.doc() = "specee-pc native core: GGUF weight reader and llama.cpp eval-callback hook";
+
+    py::class_<Weights>(m, "Weights", "Final norm and LM-head rows read from a GGUF file")
+        .def(py::init<const std::string &>(), py::arg("path"))
+        .def_property_readonly("arch", [](const Weights & w) { return std::string(w.info().arch); })
+        .def_property_readonly("n_layer", [](const Weights & w) { return w.info().n_layer; })
+        .def_property_readonly("n_embd", [](const Weights & w) { return w.info().n_embd; })
+        .def_property_readonly("n_vocab", [](const Weights & w) { return w.info().n_vocab; })
+        .def_property_readonly("norm_eps", [](const Weights & w) { return w.info().norm_eps; })
+        .def_property_readonly("lm_head_tensor", [](const Weights & w) { return std::string(w.info().lm_head_tensor); })
+        .def_property_readonly("lm_head_type", [](const Weights & w) { return std::string(w.info().lm_head_type); })
+        .def("output_norm", &Weights::output_norm)
+        .def("lm_head_rows", &Weights::lm_head_rows, py::arg("ids"))
+        .def("final_norm", &Weights::final_norm, py::arg("x"));
+
+    py::class_<Hook>(m, "Hook", "Native eval callback that captures per-layer hidden states")
+        .def(py::init<int32_t, int32_t>(), py::arg("n_layer"), py::arg("n_embd"))
+        .def_property_readonly("callback_address", &Hook::callback_address)
+        .def_property_readonly("user_data_address", &Hook::user_data_address)
+        .def("set_capture", &Hook::set_capture, py::arg("layers"))
+        .def("begin_step", &Hook::begin_step)
+        .def("hidden", &Hook::hidden, py::arg("layer"))
+        .def("seen_layers", &Hook::seen_layers);
+}

@@ -1,0 +1,38 @@
+"""The native eval-callback hook, attached to a llama.cpp context through its params."""
+import ctypes
+from typing import Iterable, List
+
+import llama_cpp
+import numpy as np
+
+from . import _native
+
+
+class LayerHook:
+    """Owns a native hook that copies the hidden state of chosen layers during llama_decode.
+
+    It must outlive every context it is installed on: llama.cpp keeps raw pointers to it.
+    """
+
+    def __init__(self, n_layer: int, n_embd: int):
+        self.n_layer = n_layer
+        self._native = _native.Hook(n_layer, n_embd)
+        # a ctypes function object wrapping the native address: no Python runs per node
+        self._callback = llama_cpp.ggml_backend_sched_eval_callback(self._native.callback_address)
+
+    def install(self, context_params: llama_cpp.llama_context_params) -> None:
+        """Make contexts created from these params call the hook while computing graphs."""
+        context_params.cb_eval = self._callback
+        context_params.cb_eval_user_data = ctypes.c_void_p(self._native.user_data_address)
+
+    def set_capture(self, layers: Iterable[int]) -> None:
+        self._native.set_capture(sorted(set(int(il) for il in layers)))
+
+    def begin_step(self) -> None:
+        self._native.begin_step()
+
+    def hidden(self, layer: int) -> np.ndarray:
+        return self._native.hidden(layer)
+
+    def seen_layers(self) -> List[int]:
+        return self._native.seen_layers()
