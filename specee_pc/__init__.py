@@ -1,4 +1,10 @@
 """specee-pc: speculative early exiting (SpecEE) for GGUF models on llama.cpp."""
+try:
+    from . import _native  # noqa: F401
+except ImportError as e:  # e.g. imported from a source checkout that was never built
+    raise ImportError(f"specee_pc's native module cannot be loaded ({e}); install the package with "
+                      "'pip install .' and import it from outside the source directory") from None
+
 from .default_model import default_model_path
 from .errors import DefaultModelMissing, ModelFileError, SpeceeError
 from .llama import Llama

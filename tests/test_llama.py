@@ -1,0 +1,75 @@
+"""specee_pc.Llama behaves exactly like llama_cpp.Llama on the same model."""
+import pytest
+
+import specee_pc
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain why the sky is blue in two sentences.",
+    "List three uses of a paperclip.",
+    "def fibonacci(n):",
+]
+
+
+def text(result):
+    return result["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_completion_equals_llama_cpp(llm, reference, prompt):
+    ours = llm.create_completion(prompt, max_tokens=64, temperature=0.0)
+    theirs = reference.create_completion(prompt, max_tokens=64, temperature=0.0)
+    assert text(ours) == text(theirs)
+    assert ours["usage"] == theirs["usage"]
+
+
+def test_greedy_tokens_equal_llama_cpp(llm, reference):
+    tokens = llm.tokenize(PROMPTS[0].encode())
+    ours = [t for _, t in zip(range(96), llm.generate(tokens, temp=0.0))]
+    theirs = [t for _, t in zip(range(96), reference.generate(tokens, temp=0.0))]
+    assert ours == theirs
+
+
+def test_chat_completion_uses_the_gguf_template(llm, reference):
+    messages = [{"role": "system", "content": "You are a concise assistant."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    ours = llm.create_chat_completion(messages=messages, max_tokens=48, temperature=0.0)
+    theirs = reference.create_chat_completion(messages=messages, max_tokens=48, temperature=0.0)
+    assert ours["choices"][0]["message"] == theirs["choices"][0]["message"]
+
+
+def test_sampling_with_seed_equals_llama_cpp(llm, reference):
+    options = dict(max_tokens=48, temperature=0.9, top_k=30, top_p=0.9, min_p=0.02, repeat_penalty=1.1, seed=7)
+    assert text(llm.create_completion(PROMPTS[1], **options)) == text(reference.create_completion(PROMPTS[1], **options))
+
+
+def test_stream_and_stop_strings(llm, reference):
+    streamed = "".join(text(c) for c in llm.create_completion(PROMPTS[2], max_tokens=48, temperature=0.0, stream=True))
+    assert streamed == text(llm.create_completion(PROMPTS[2], max_tokens=48, temperature=0.0))
+    ours = llm.create_completion(PROMPTS[2], max_tokens=48, temperature=0.0, stop=["\n"])
+    theirs = reference.create_completion(PROMPTS[2], max_tokens=48, temperature=0.0, stop=["\n"])
+    assert text(ours) == text(theirs) and "\n" not in text(ours)
+
+
+def test_last_stats_count_generated_tokens(llm):
+    result = llm.create_completion(PROMPTS[3], max_tokens=20, temperature=0.0)
+    stats = llm.last_stats
+    assert stats.generated_tokens == result["usage"]["completion_tokens"] + (result["choices"][0]["finish_reason"] == "stop")
+    assert stats.prompt_tokens == result["usage"]["prompt_tokens"]
+    assert stats.decode_tokens_per_second > 0
+
+
+def test_prompt_longer_than_context_raises_and_model_still_works(llm, reference):
+    with pytest.raises(ValueError, match="exceed context window"):
+        llm.create_completion("word " * 2000, max_tokens=4)
+    assert text(llm.create_completion(PROMPTS[0], max_tokens=16, temperature=0.0)) == \
+        text(reference.create_completion(PROMPTS[0], max_tokens=16, temperature=0.0))
+
+
+def test_bad_model_files_raise_model_file_error(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_text("not a model")
+    with pytest.raises(specee_pc.ModelFileError, match="not a GGUF file"):
+        specee_pc.Llama(str(bad), verbose=False)
+    with pytest.raises(specee_pc.ModelFileError, match="no such file"):
+        specee_pc.Llama(str(tmp_path / "missing.gguf"), verbose=False)
