@@ -52,10 +52,68 @@ class Weights {
         return y;
     }
 
+    const specee_weights * get() const { return w_.get(); }
+
   private:
     struct deleter { void operator()(specee_weights * w) const { specee_weights_free(w); } };
     std::unique_ptr<specee_weights, deleter> w_;
     specee_weights_info info_{};
+};
+
+class ExitController {
+  public:
+    ExitController(const Weights & weights, int32_t n_threads)
+        : n_layer_(weights.info().n_layer), n_vocab_(weights.info().n_vocab), e_(specee_exit_init(weights.get(), n_threads)) {}
+
+    specee_exit * get() { return e_.get(); }
+
+    void set_predictor(int32_t il, const float_array & fc1_w, const float_array & fc1_b, const float_array & fc2_w, float fc2_b) {
+        if (fc1_w.ndim() != 2 || fc1_b.ndim() != 1 || fc2_w.ndim() != 1 ||
+            fc1_b.shape(0) != fc1_w.shape(0) || fc2_w.shape(0) != fc1_w.shape(0)) {
+            throw py::value_error("predictor shapes must be fc1_w [H, F], fc1_b [H], fc2_w [H]");
+        }
+        if (!specee_exit_set_predictor(e_.get(), il, (int32_t) fc1_w.shape(0), (int32_t) fc1_w.shape(1),
+                                       fc1_w.data(), fc1_b.data(), fc2_w.data(), fc2_b)) {
+            throw py::value_error("bad predictor for layer " + std::to_string(il) +
+                                  ": layer out of range, or feature count not 3k or not the same for all layers");
+        }
+    }
+    void set_rule(int32_t rule, float threshold) {
+        if (rule != SPECEE_RULE_VERIFY && rule != SPECEE_RULE_CANDIDATES) throw py::value_error("unknown exit rule");
+        specee_exit_set_rule(e_.get(), (specee_exit_rule) rule, threshold);
+    }
+    void set_schedule(const std::vector<int32_t> & layers) { specee_exit_set_schedule(e_.get(), layers.data(), (int32_t) layers.size()); }
+    void set_forced(const std::vector<int32_t> & layers) { specee_exit_set_forced(e_.get(), layers.data(), (int32_t) layers.size()); }
+    void set_candidates(const std::vector<int32_t> & ids) {
+        if (!specee_exit_set_candidates(e_.get(), ids.data(), (int32_t) ids.size())) {
+            throw py::index_error("candidate token id out of range [0, " + std::to_string(n_vocab_) + ")");
+        }
+    }
+
+    py::dict step() const {
+        const specee_exit_step s = specee_exit_get_step(e_.get());
+        py::dict d;
+        d["exit_layer"] = s.exit_layer;
+        d["exit_token"] = s.exit_token;
+        d["n_checks"] = s.n_checks;
+        d["n_lm_heads"] = s.n_lm_heads;
+        d["last_score"] = s.last_score;
+        d["predictor_us"] = s.predictor_us;
+        d["lm_head_us"] = s.lm_head_us;
+        return d;
+    }
+
+    py::object logits() const {
+        const float * l = specee_exit_get_logits(e_.get());
+        if (!l) return py::none();
+        return float_array(n_vocab_, l);
+    }
+
+  private:
+    struct deleter { void operator()(specee_exit * e) const { specee_exit_free(e); } };
+    int32_t n_layer_;
+    int32_t n_vocab_;
+    std::unique_ptr<specee_exit, deleter> e_;
 };
 
 class Hook {
@@ -80,6 +138,12 @@ class Hook {
         return out;
     }
 
+    void set_exit(py::object controller, bool armed) {
+        specee_exit * e = controller.is_none() ? nullptr : controller.cast<ExitController &>().get();
+        specee_hook_set_exit(h_.get(), e, armed);
+        exit_ = controller; // the controller must live while the hook points to it
+    }
+
     std::vector<int32_t> seen_layers() const {
         std::vector<int32_t> seen;
         for (int32_t il = 0; il < n_layer_; ++il) {
@@ -96,6 +160,7 @@ class Hook {
     int32_t n_layer_;
     int32_t n_embd_;
     std::unique_ptr<specee_hook, deleter> h_;
+    py::object exit_ = py::none();
 };
 
 } // namespace
@@ -114,7 +179,30 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("lm_head_type", [](const Weights & w) { return std::string(w.info().lm_head_type); })
         .def("output_norm", &Weights::output_norm)
         .def("lm_head_rows", &Weights::lm_head_rows, py::arg("ids"))
-        .def("final_norm", &Weights::final_norm, py::arg("x"));
+        .def("final_norm", &Weights::final_norm, py::arg("x"))
+        .def("lm_head_logits", [](const Weights & w, const float_array & z, int32_t n_threads) {
+            if (z.ndim() != 1 || z.shape(0) != w.info().n_embd) throw py::value_error("lm_head_logits expects n_embd values");
+            float_array out(w.info().n_vocab);
+            {
+                py::gil_scoped_release release;
+                specee_weights_lm_head_logits(w.get(), z.data(), out.mutable_data(), n_threads);
+            }
+            return out;
+        }, py::arg("z"), py::arg("n_threads") = 1);
+
+    m.attr("RULE_VERIFY") = (int) SPECEE_RULE_VERIFY;
+    m.attr("RULE_CANDIDATES") = (int) SPECEE_RULE_CANDIDATES;
+
+    py::class_<ExitController>(m, "ExitController", "SpecEE exit decision after scheduled layers")
+        .def(py::init<const Weights &, int32_t>(), py::arg("weights"), py::arg("n_threads") = 1, py::keep_alive<1, 2>())
+        .def("set_predictor", &ExitController::set_predictor, py::arg("layer"), py::arg("fc1_w"), py::arg("fc1_b"),
+             py::arg("fc2_w"), py::arg("fc2_b"))
+        .def("set_rule", &ExitController::set_rule, py::arg("rule"), py::arg("threshold"))
+        .def("set_schedule", &ExitController::set_schedule, py::arg("layers"))
+        .def("set_forced", &ExitController::set_forced, py::arg("layers"))
+        .def("set_candidates", &ExitController::set_candidates, py::arg("ids"))
+        .def("step", &ExitController::step)
+        .def("logits", &ExitController::logits);
 
     py::class_<Hook>(m, "Hook", "Native eval callback that captures per-layer hidden states")
         .def(py::init<int32_t, int32_t>(), py::arg("n_layer"), py::arg("n_embd"))
@@ -123,5 +211,6 @@ PYBIND11_MODULE(_native, m) {
         .def("set_capture", &Hook::set_capture, py::arg("layers"))
         .def("begin_step", &Hook::begin_step)
         .def("hidden", &Hook::hidden, py::arg("layer"))
+        .def("set_exit", &Hook::set_exit, py::arg("controller"), py::arg("armed"))
         .def("seen_layers", &Hook::seen_layers);
 }

@@ -19,6 +19,10 @@ struct specee_hook {
     std::vector<uint8_t> seen;     // [n_layer] l_out-<i> nodes met during this step
     std::vector<uint8_t> captured; // [n_layer] layers copied during this step
     std::vector<float>   hidden;   // [n_layer][n_embd] last token's residual stream
+
+    specee_exit * exit  = nullptr;  // decides where a step may stop (not owned)
+    bool          armed = false;
+    bool          cut   = false;    // this step stopped early
 };
 
 namespace {
@@ -52,17 +56,26 @@ void specee_hook_free(specee_hook * h) {
 
 bool specee_hook_eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     auto * h = static_cast<specee_hook *>(user_data);
+    // after a cut, later graph splits (partial GPU offload) still run: ask to see each of
+    // their nodes and refuse it, which stops that split too
+    if (h->cut) return ask;
     const int32_t il = parse_layer_output(t->name);
     if (il < 0 || il >= h->n_layer) return !ask; // not ours: skip it, and never stop the graph
+    const bool decides = h->armed && specee_exit_wants_layer(h->exit, il);
     if (ask) {
         h->seen[il] = 1;
-        return h->capture[il] != 0;
+        return h->capture[il] || decides;
     }
     if (t->type != GGML_TYPE_F32 || t->ne[0] != h->n_embd) return true;
     // the last column is the last token of the ubatch (the last layer keeps only output rows)
+    float * hidden = h->hidden.data() + (size_t) il * h->n_embd;
     const size_t offset = (size_t) (t->ne[1] - 1) * t->nb[1];
-    ggml_backend_tensor_get(t, h->hidden.data() + (size_t) il * h->n_embd, offset, (size_t) h->n_embd * sizeof(float));
+    ggml_backend_tensor_get(t, hidden, offset, (size_t) h->n_embd * sizeof(float));
     h->captured[il] = 1;
+    if (decides && specee_exit_check_layer(h->exit, il, hidden)) {
+        h->cut = true;
+        return false;
+    }
     return true;
 }
 
@@ -76,6 +89,13 @@ void specee_hook_set_capture(specee_hook * h, const int32_t * layers, int32_t n)
 void specee_hook_begin_step(specee_hook * h) {
     std::fill(h->seen.begin(), h->seen.end(), 0);
     std::fill(h->captured.begin(), h->captured.end(), 0);
+    h->cut = false;
+    if (h->exit) specee_exit_begin_step(h->exit);
+}
+
+void specee_hook_set_exit(specee_hook * h, specee_exit * e, bool armed) {
+    h->exit  = e;
+    h->armed = e != nullptr && armed;
 }
 
 bool specee_hook_get_hidden(const specee_hook * h, int32_t il, float * out) {

@@ -49,6 +49,63 @@ bool specee_weights_lm_head_rows(const struct specee_weights * w, const int32_t 
 // y = RMSNorm(x) * output_norm.weight, as the model's final norm computes it
 void specee_weights_final_norm(const struct specee_weights * w, const float * x, float * y);
 
+// Full LM head on a normed hidden state: out[n_vocab] = W_out z, with ggml's CPU dot products
+// on the quantized rows (z is quantized to the row type's dot-product type, as llama.cpp does).
+void specee_weights_lm_head_logits(const struct specee_weights * w, const float * z, float * out, int32_t n_threads);
+
+// ---------------------------------------------------------------- exit controller
+//
+// The SpecEE decision after a scheduled layer l, for k candidate token ids C:
+//   z = final_norm(h_l);  lc = W_out[C] z;  p = softmax(lc);  d = p - p_prev
+//   (p_prev from the previously checked layer of this step; d = p at the first);
+//   score = sigmoid(fc2 relu(fc1 [lc, p, d] + b1) + b2), one MLP per layer.
+// If score > threshold, the rule decides:
+//   SPECEE_RULE_VERIFY      full LM head on z; exit only if its argmax is in C (SpecEE).
+//   SPECEE_RULE_CANDIDATES  exit with the candidates' logits only (no full LM head).
+// A forced layer (debug) always exits there, with full LM-head logits.
+
+enum specee_exit_rule {
+    SPECEE_RULE_VERIFY     = 0,
+    SPECEE_RULE_CANDIDATES = 1,
+};
+
+struct specee_exit;
+
+struct specee_exit_step {
+    int32_t exit_layer;     // -1: the step ran every layer
+    int32_t exit_token;     // argmax of the exit logits, -1 without exit
+    int32_t n_checks;       // scheduled layers evaluated
+    int32_t n_lm_heads;     // full LM heads computed (verify rule, forced exits)
+    float   last_score;     // predictor output at the last checked layer
+    double  predictor_us;   // features + MLP time
+    double  lm_head_us;     // full LM head time
+};
+
+struct specee_exit * specee_exit_init(const struct specee_weights * w, int32_t n_threads);
+void                 specee_exit_free(struct specee_exit * e);
+
+// Layer il's predictor: fc1_w[n_hidden][n_features], fc1_b[n_hidden], fc2_w[n_hidden], fc2_b.
+// n_features must be 3k for the k candidates. False on bad sizes.
+bool specee_exit_set_predictor(struct specee_exit * e, int32_t il, int32_t n_hidden, int32_t n_features,
+                               const float * fc1_w, const float * fc1_b, const float * fc2_w, float fc2_b);
+void specee_exit_set_rule(struct specee_exit * e, enum specee_exit_rule rule, float threshold);
+
+// Per step: the layers to check and the candidates (their LM-head rows are dequantized here).
+// Candidates are checked against the vocabulary; false if an id is out of range.
+void specee_exit_set_schedule(struct specee_exit * e, const int32_t * layers, int32_t n);
+void specee_exit_set_forced(struct specee_exit * e, const int32_t * layers, int32_t n);
+bool specee_exit_set_candidates(struct specee_exit * e, const int32_t * ids, int32_t k);
+
+// Whether the step may stop after layer il (scheduled with a predictor and candidates, or forced).
+bool specee_exit_wants_layer(const struct specee_exit * e, int32_t il);
+void specee_exit_begin_step(struct specee_exit * e);
+// Runs the decision on layer il's last-token hidden state; true: stop the graph here.
+bool specee_exit_check_layer(struct specee_exit * e, int32_t il, const float * hidden);
+
+struct specee_exit_step specee_exit_get_step(const struct specee_exit * e);
+// The exit layer's logits (n_vocab; -INFINITY outside C for the candidates rule), or NULL.
+const float * specee_exit_get_logits(const struct specee_exit * e);
+
 // ---------------------------------------------------------------- eval-callback hook
 
 struct specee_hook;
@@ -70,6 +127,11 @@ void specee_hook_begin_step(struct specee_hook * h);
 // Copies the last decode step's hidden state of layer il into out[n_embd].
 // False if that layer was not captured in the step.
 bool specee_hook_get_hidden(const struct specee_hook * h, int32_t il, float * out);
+
+// Attaches an exit controller (NULL detaches) and arms it for the next steps or not. While
+// armed, the hook cuts the graph after the layer where the controller decides to exit: it
+// refuses the observation there, and every node of later graph splits too.
+void specee_hook_set_exit(struct specee_hook * h, struct specee_exit * e, bool armed);
 
 // Whether the graph of the last step had a node named l_out-<il>.
 bool specee_hook_saw_layer(const struct specee_hook * h, int32_t il);

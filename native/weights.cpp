@@ -1,6 +1,7 @@
 // specee_weights: final norm and LM-head rows read from the GGUF file itself.
 #include "specee.h"
 
+#include "ggml-cpu.h"
 #include "ggml.h"
 #include "gguf.h"
 
@@ -9,12 +10,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 struct specee_weights {
@@ -174,6 +177,7 @@ void find_lm_head(specee_weights * w, const gguf_context * g, const ggml_context
 
 void load(specee_weights * w, const char * path) {
     check_magic(path);
+    ggml_cpu_init(); // the CPU dot products below need ggml's conversion tables
 
     ggml_context * meta = nullptr;
     gguf_context * g = nullptr;
@@ -245,4 +249,28 @@ void specee_weights_final_norm(const specee_weights * w, const float * x, float 
     for (int32_t i = 0; i < w->n_embd; ++i) sum_sq += (double) x[i] * x[i];
     const float scale = 1.0f / sqrtf((float) (sum_sq / w->n_embd) + w->norm_eps);
     for (int32_t i = 0; i < w->n_embd; ++i) y[i] = x[i] * scale * w->output_norm[i];
+}
+
+void specee_weights_lm_head_logits(const specee_weights * w, const float * z, float * out, int32_t n_threads) {
+    const ggml_type_traits_cpu * cpu = ggml_get_type_traits_cpu(w->lm_head_type);
+    // z in the dot-product type of the rows, as llama.cpp's matmul quantizes its activations
+    std::vector<uint8_t> zq(ggml_row_size(cpu->vec_dot_type, w->n_embd));
+    if (cpu->vec_dot_type == GGML_TYPE_F32) {
+        memcpy(zq.data(), z, w->n_embd * sizeof(float));
+    } else {
+        ggml_get_type_traits_cpu(cpu->vec_dot_type)->from_float(z, zq.data(), w->n_embd);
+    }
+    auto rows = [&](int32_t begin, int32_t end) {
+        for (int32_t r = begin; r < end; ++r) {
+            cpu->vec_dot(w->n_embd, out + r, 0, w->lm_head_data + (size_t) r * w->lm_head_row_bytes, 0, zq.data(), 0, 1);
+        }
+    };
+    n_threads = std::max(1, n_threads);
+    const int32_t chunk = (w->n_vocab + n_threads - 1) / n_threads;
+    std::vector<std::thread> workers;
+    for (int32_t t = 1; t < n_threads; ++t) {
+        workers.emplace_back(rows, std::min(w->n_vocab, t * chunk), std::min(w->n_vocab, (t + 1) * chunk));
+    }
+    rows(0, std::min(w->n_vocab, chunk));
+    for (auto & worker : workers) worker.join();
 }

@@ -34,5 +34,9 @@ class LayerHook:
     def hidden(self, layer: int) -> np.ndarray:
         return self._native.hidden(layer)
 
+    def set_exit(self, controller, armed: bool = False) -> None:
+        """Attach a native ExitController (None detaches); while armed, it may cut the graph."""
+        self._native.set_exit(controller, armed)
+
     def seen_layers(self) -> List[int]:
         return self._native.seen_layers()

@@ -6,28 +6,43 @@ users' code written for `llama_cpp.Llama` runs unchanged.
 import contextlib
 import ctypes
 import time
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Union
 
 import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 from llama_cpp._utils import suppress_stdout_stderr
 
+from .drafters import Drafter, NgramDrafter
+from .engine import ExitEngine, ExitStats
 from .errors import ModelFileError
 from .hook import LayerHook
 from .model_file import open_weights
+from .predictor_file import PredictorFile, read_predictor_file
 from .stats import GenerationStats
 
 
 class Llama(llama_cpp.Llama):
     """A `llama_cpp.Llama` (same arguments and methods) that specee-pc can observe layer by layer.
 
+    Early exit (off unless `predictor` or `force_exit_layers` is given; see configure_exits):
+        predictor          path of a predictor GGUF file (or a PredictorFile)
+        exit_rule          "verify" (SpecEE) or "candidates" (no full LM head at the exit)
+        exit_threshold     predictor score above which a step may exit (default: the file's)
+        kv_policy          "exact": an exited token is re-run in full with its exit token, and
+                           that batch's logits verify it, so outputs are the full model's
+        drafter            "ngram" (prompt lookup) or a Drafter object
+        force_exit_layers  debug: exit at the first of these layers that a step reaches
+
     Extra API: `weights` (final norm and LM-head rows read from the GGUF), `capture_layers()`
     and `hidden_state()` (residual stream after a layer, last token of the last decode step),
-    and `last_stats` (timing of the last generation).
+    `last_stats` (timing of the last generation) and `exit_stats` (its early exits).
     """
 
-    def __init__(self, model_path: str, *, verbose: bool = True, **kwargs):
+    def __init__(self, model_path: str, *, verbose: bool = True,
+                 predictor: Union[str, PredictorFile, None] = None, exit_rule: str = "verify",
+                 exit_threshold: Optional[float] = None, kv_policy: str = "exact",
+                 drafter: Union[str, Drafter] = "ngram", force_exit_layers: Sequence[int] = (), **kwargs):
         # our own checks first: llama.cpp would only say "failed to load model"
         self.weights = open_weights(model_path)
         try:
@@ -39,6 +54,10 @@ class Llama(llama_cpp.Llama):
         self._recreate_context_with_hook()
         self._check_graph_names()
         self.last_stats: Optional[GenerationStats] = None
+        self._engine: Optional[ExitEngine] = None
+        self._decoding = False  # prompt processing never exits
+        self.configure_exits(predictor=predictor, exit_rule=exit_rule, exit_threshold=exit_threshold,
+                             kv_policy=kv_policy, drafter=drafter, force_exit_layers=force_exit_layers)
 
     # ------------------------------------------------------------------ setup
 
@@ -88,6 +107,32 @@ class Llama(llama_cpp.Llama):
         if hasattr(self, "_stack"):
             super().close()
 
+    # ------------------------------------------------------------------ early exit
+
+    def configure_exits(self, *, predictor: Union[str, PredictorFile, None] = None, exit_rule: str = "verify",
+                        exit_threshold: Optional[float] = None, kv_policy: str = "exact",
+                        drafter: Union[str, Drafter] = "ngram", force_exit_layers: Sequence[int] = ()) -> None:
+        """(Re)configure early exit for the next generations; no predictor and no forced layers: off."""
+        if predictor is None and not force_exit_layers:
+            self._engine = None
+            self._hook.set_exit(None)
+            return
+        if isinstance(predictor, str):
+            path, predictor = predictor, read_predictor_file(predictor)
+            predictor.check_model(self.weights, path, self.model_path)
+        if drafter == "ngram":
+            drafter = NgramDrafter()
+        elif isinstance(drafter, str):
+            raise ValueError(f"unknown drafter {drafter!r}: use 'ngram' or a Drafter object")
+        self._engine = ExitEngine(self.weights, self._hook, n_threads=self.n_threads, drafter=drafter,
+                                  predictors=predictor, rule=exit_rule, threshold=exit_threshold,
+                                  kv_policy=kv_policy, force_exit_layers=force_exit_layers)
+
+    @property
+    def exit_stats(self) -> Optional[ExitStats]:
+        """Early exits of the last generation (None when early exit is off)."""
+        return self._engine.stats if self._engine else None
+
     # ------------------------------------------------------------------ observation
 
     def capture_layers(self, layers: Iterable[int]) -> None:
@@ -101,12 +146,50 @@ class Llama(llama_cpp.Llama):
     # ------------------------------------------------------------------ decoding
 
     def eval(self, tokens: Sequence[int]):
+        if self._engine is None or not self._decoding or len(tokens) != 1 or self.n_tokens + 2 > self._n_ctx:
+            self._hook.begin_step()
+            super().eval(tokens)
+            return
+        self._engine.settle(self.input_ids, self.n_tokens, tokens[0])
+        self._eval_with_exit(tokens[0])
+
+    def _eval_with_exit(self, token: int) -> None:
+        """One decode step that may stop after a scheduled layer (kv_policy "exact")."""
+        t = self.n_tokens
+        self._ctx.kv_cache_seq_rm(-1, t, -1)
+        self._engine.arm(np.append(self.input_ids[:t], token))
         self._hook.begin_step()
-        super().eval(tokens)
+        try:
+            self._decode_at(t, [token], all_logits=False)
+        finally:
+            step = self._engine.disarm()
+        if step["exit_layer"] < 0:
+            return
+        # Layers after the exit never saw this token (their K/V cells are stale), and the exit
+        # token is only a guess: re-run the token in full together with its exit token. The
+        # batch's logits verify the guess (llama_cpp's generate samples the first row and rolls
+        # back on a mismatch) and, when it holds, give the next token's logits for free.
+        self._ctx.kv_cache_seq_rm(-1, t, -1)
+        self._hook.begin_step()
+        self._decode_at(t, [token, step["exit_token"]], all_logits=True)
+
+    def _decode_at(self, n_past: int, tokens: Sequence[int], all_logits: bool) -> None:
+        """llama_decode tokens at positions n_past..., keeping llama_cpp.Llama's bookkeeping."""
+        n = len(tokens)
+        self._batch.set_batch(batch=tokens, n_past=n_past, logits_all=all_logits or self._logits_all)
+        self._ctx.decode(self._batch)
+        self.input_ids[n_past:n_past + n] = tokens
+        if self._logits_all:
+            rows = np.ctypeslib.as_array(self._ctx.get_logits(), shape=(n * self._n_vocab,))
+            self.scores[n_past:n_past + n, :].reshape(-1)[::] = rows
+        self.n_tokens = n_past + n
+        self._requires_eval = False
 
     def generate(self, tokens: Sequence[int], **kwargs):
         """llama_cpp.Llama.generate, recording per-token timing in `last_stats`."""
         stats = self.last_stats = GenerationStats(prompt_tokens=len(tokens))
+        if self._engine is not None:
+            self._engine.reset_stats()
         start = time.perf_counter()
         inner = super().generate(tokens, **kwargs)
         try:
@@ -117,6 +200,8 @@ class Llama(llama_cpp.Llama):
                 except StopIteration:
                     return
                 stats.token_times.append(time.perf_counter() - start)
+                self._decoding = True
                 reply = yield token
         finally:
+            self._decoding = False
             inner.close()
