@@ -63,7 +63,7 @@ class Weights {
 class ExitController {
   public:
     ExitController(const Weights & weights, int32_t n_threads)
-        : n_layer_(weights.info().n_layer), n_vocab_(weights.info().n_vocab), e_(specee_exit_init(weights.get(), n_threads)) {}
+        : n_embd_(weights.info().n_embd), n_vocab_(weights.info().n_vocab), e_(specee_exit_init(weights.get(), n_threads)) {}
 
     specee_exit * get() { return e_.get(); }
 
@@ -90,6 +90,13 @@ class ExitController {
         }
     }
 
+    void begin_step() { specee_exit_begin_step(e_.get()); }
+
+    bool check_layer(int32_t il, const float_array & hidden) {
+        if (hidden.ndim() != 1 || hidden.shape(0) != n_embd_) throw py::value_error("hidden state must have n_embd values");
+        return specee_exit_check_layer(e_.get(), il, hidden.data());
+    }
+
     py::dict step() const {
         const specee_exit_step s = specee_exit_get_step(e_.get());
         py::dict d;
@@ -111,7 +118,7 @@ class ExitController {
 
   private:
     struct deleter { void operator()(specee_exit * e) const { specee_exit_free(e); } };
-    int32_t n_layer_;
+    int32_t n_embd_;
     int32_t n_vocab_;
     std::unique_ptr<specee_exit, deleter> e_;
 };
@@ -201,6 +208,9 @@ PYBIND11_MODULE(_native, m) {
         .def("set_schedule", &ExitController::set_schedule, py::arg("layers"))
         .def("set_forced", &ExitController::set_forced, py::arg("layers"))
         .def("set_candidates", &ExitController::set_candidates, py::arg("ids"))
+        .def("begin_step", &ExitController::begin_step)
+        .def("check_layer", &ExitController::check_layer, py::arg("layer"), py::arg("hidden"),
+             "run the exit decision on a layer's hidden state; True: the step would stop there")
         .def("step", &ExitController::step)
         .def("logits", &ExitController::logits);
 

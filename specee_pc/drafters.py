@@ -1,4 +1,5 @@
 """Candidate drafters: each proposes k token ids for the token the next step will output."""
+from collections import Counter
 from typing import List, Protocol, Sequence
 
 
@@ -14,8 +15,9 @@ class Drafter(Protocol):
 class NgramDrafter:
     """Prompt lookup: the tokens that followed earlier occurrences of the context's last n-gram.
 
-    Longer n-grams first, more recent occurrences first; then the most frequent followers of
-    the last token alone. Costs microseconds; good on inputs that repeat (code, summaries).
+    Longer n-grams first, more recent occurrences first, down to the last token alone; the
+    predictors need exactly k candidates, so the most frequent tokens of the window fill the
+    rest. Costs microseconds; good on inputs that repeat (code, summaries).
     """
 
     def __init__(self, max_ngram: int = 3, search_window: int = 1024):
@@ -34,4 +36,9 @@ class NgramDrafter:
                         found.append(follower)
                         if len(found) == k:
                             return found
+        for token, _ in Counter(tail).most_common():
+            if len(found) == k:
+                break
+            if token not in found:
+                found.append(token)
         return found

@@ -26,8 +26,11 @@ class ExitStats:
     accepted: int = 0          # exit tokens that the full model confirmed
     layers_used: int = 0       # layers computed by first passes (the exit layer + 1, or n_layer)
     checks: int = 0            # predictor evaluations
+    lm_heads: int = 0          # full LM heads computed for exit decisions
     predictor_ms: float = 0.0  # features + MLPs + full LM heads of exit decisions
     drafter_ms: float = 0.0
+    first_pass_ms: float = 0.0  # decodes that may stop early
+    repair_ms: float = 0.0      # exact policy: full re-runs of exited tokens with their exit token
     candidate_steps: int = 0   # steps whose final token is known and that had candidates
     candidate_hits: int = 0    # ... whose final token was among the candidates
     exits_at: List[Tuple[int, int, int]] = field(default_factory=list)  # (position, layer, exit token)
@@ -42,8 +45,10 @@ class ExitStats:
 
     def summary(self) -> str:
         hit = f", candidate hits {self.candidate_hits / self.candidate_steps:.0%}" if self.candidate_steps else ""
+        steps = max(self.steps, 1)
         return (f"mean layers {self.mean_layers:.1f}/{self.n_layer}, exits {self.exits}/{self.steps}"
-                f" ({self.accepted} confirmed){hit}, predictor {self.predictor_ms / max(self.steps, 1):.2f} ms/step")
+                f" ({self.accepted} confirmed){hit}; ms/step: first pass {self.first_pass_ms / steps:.2f}"
+                f" (predictor {self.predictor_ms / steps:.2f}), repair {self.repair_ms / steps:.2f}")
 
 
 @dataclass
@@ -83,7 +88,8 @@ class ExitEngine:
         offsets = online_offsets if online_offsets is not None else (predictors.online_offsets if predictors else [])
         self.schedule = ExitSchedule(n_layer, offline, offsets)
         self.forced = list(force_exit_layers)
-        self.has_predictors = predictors is not None and bool(predictors.layers)
+        # a threshold a sigmoid never passes turns exits off: then do not score at all
+        self.has_predictors = predictors is not None and bool(predictors.layers) and threshold < 1.0
         self.hook = hook
         hook.set_exit(self.controller, False)
         self.stats = ExitStats(n_layer)
@@ -130,6 +136,7 @@ class ExitEngine:
         s = self.stats
         s.steps += 1
         s.checks += step["n_checks"]
+        s.lm_heads += step["n_lm_heads"]
         s.predictor_ms += (step["predictor_us"] + step["lm_head_us"]) / 1e3
         s.layers_used += exit_layer + 1 if exit_layer >= 0 else s.n_layer
         if exit_layer >= 0:

@@ -124,7 +124,9 @@ class Llama(llama_cpp.Llama):
             drafter = NgramDrafter()
         elif isinstance(drafter, str):
             raise ValueError(f"unknown drafter {drafter!r}: use 'ngram' or a Drafter object")
-        self._engine = ExitEngine(self.weights, self._hook, n_threads=self.n_threads, drafter=drafter,
+        # one thread: the exit decision runs inside the eval callback while ggml's own CPU
+        # workers spin-wait, so a second thread of ours only competes with them (measured)
+        self._engine = ExitEngine(self.weights, self._hook, n_threads=1, drafter=drafter,
                                   predictors=predictor, rule=exit_rule, threshold=exit_threshold,
                                   kv_policy=kv_policy, force_exit_layers=force_exit_layers)
 
@@ -146,7 +148,10 @@ class Llama(llama_cpp.Llama):
     # ------------------------------------------------------------------ decoding
 
     def eval(self, tokens: Sequence[int]):
-        if self._engine is None or not self._decoding or len(tokens) != 1 or self.n_tokens + 2 > self._n_ctx:
+        # an exit re-runs its token with the exit token: both must fit (llama_cpp's own buffers
+        # hold the n_ctx asked for, llama.cpp's context may be padded beyond it)
+        room = min(self._n_ctx, len(self.input_ids)) - self.n_tokens
+        if self._engine is None or not self._decoding or len(tokens) != 1 or room < 2:
             self._hook.begin_step()
             super().eval(tokens)
             return
@@ -159,19 +164,24 @@ class Llama(llama_cpp.Llama):
         self._ctx.kv_cache_seq_rm(-1, t, -1)
         self._engine.arm(np.append(self.input_ids[:t], token))
         self._hook.begin_step()
+        start = time.perf_counter()
         try:
             self._decode_at(t, [token], all_logits=False)
         finally:
             step = self._engine.disarm()
+        stats = self._engine.stats
+        stats.first_pass_ms += (time.perf_counter() - start) * 1e3
         if step["exit_layer"] < 0:
             return
         # Layers after the exit never saw this token (their K/V cells are stale), and the exit
         # token is only a guess: re-run the token in full together with its exit token. The
         # batch's logits verify the guess (llama_cpp's generate samples the first row and rolls
         # back on a mismatch) and, when it holds, give the next token's logits for free.
+        start = time.perf_counter()
         self._ctx.kv_cache_seq_rm(-1, t, -1)
         self._hook.begin_step()
         self._decode_at(t, [token, step["exit_token"]], all_logits=True)
+        stats.repair_ms += (time.perf_counter() - start) * 1e3
 
     def _decode_at(self, n_past: int, tokens: Sequence[int], all_logits: bool) -> None:
         """llama_decode tokens at positions n_past..., keeping llama_cpp.Llama's bookkeeping."""

@@ -26,3 +26,16 @@ def reference(model_path) -> llama_cpp.Llama:
     model = llama_cpp.Llama(model_path, n_ctx=N_CTX, n_threads=N_THREADS, seed=1234, verbose=False)
     yield model
     model.close()
+
+
+def constant_predictors(weights, layers, k=4, score_logit=10.0, threshold=0.5, hidden=8):
+    """Predictors scoring sigmoid(score_logit) whatever the features: they exercise the exit
+    mechanics (candidates, verification, cut, repair) without trained weights."""
+    from specee_pc.predictor_file import LayerPredictor, PredictorFile
+
+    import numpy as np
+
+    flat = LayerPredictor(np.zeros((hidden, 3 * k), np.float32), np.zeros(hidden, np.float32),
+                          np.zeros(hidden, np.float32), float(score_logit))
+    return PredictorFile(weights.arch, weights.n_layer, weights.n_embd, weights.n_vocab, k, threshold,
+                         list(layers), layers={il: flat for il in layers})

@@ -40,7 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty (default: 1.0, off)")
     p.add_argument("--seed", type=int, default=-1, help="sampling seed, -1 for random (default: -1)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    exits = p.add_argument_group("early exit (off unless --predictor or --force-exit-layers is given)")
+    exits.add_argument("--predictor", metavar="FILE.gguf", help="predictor file made for this model")
+    exits.add_argument("--exit-rule", choices=["verify", "candidates"], default="verify",
+                       help="verify: full LM head at the exit, exit only if its argmax is a candidate (SpecEE); "
+                            "candidates: emit the best candidate without the full LM head (default: verify)")
+    exits.add_argument("--threshold", type=float, default=None,
+                       help="predictor score above which a step may exit (default: the predictor file's)")
+    exits.add_argument("--kv-policy", choices=["exact"], default="exact",
+                       help="exact: re-run an exited token in full with its exit token, whose logits verify it: "
+                            "outputs are the full model's (default: exact)")
+    exits.add_argument("--force-exit-layers", type=layer_list, default=[], metavar="L1,L2",
+                       help="debug: exit at the first of these layers each step reaches")
     return p
+
+
+def layer_list(text: str) -> List[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
 
 
 class AnswerInterrupt:
@@ -86,7 +105,8 @@ def stream_answer(llm: Llama, messages: List[dict], args) -> str:
         sys.stdout.write("\n")
         note = " [interrupted]" if interrupt.stopped else ""
     if llm.last_stats is not None:
-        print(f"-- {llm.last_stats.summary()}{note}", file=sys.stderr, flush=True)
+        exits = f"; {llm.exit_stats.summary()}" if llm.exit_stats is not None else ""
+        print(f"-- {llm.last_stats.summary()}{exits}{note}", file=sys.stderr, flush=True)
     return "".join(parts)
 
 
@@ -119,7 +139,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         model = args.model or default_model_path()
         llm = Llama(model, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                    seed=args.seed if args.seed >= 0 else 0xFFFFFFFF, verbose=args.verbose)
+                    seed=args.seed if args.seed >= 0 else 0xFFFFFFFF, verbose=args.verbose,
+                    predictor=args.predictor, exit_rule=args.exit_rule, exit_threshold=args.threshold,
+                    kv_policy=args.kv_policy, force_exit_layers=args.force_exit_layers)
         if args.prompt is None:
             return chat(llm, args)
         messages = ([{"role": "system", "content": args.system}] if args.system else [])

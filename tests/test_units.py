@@ -1,0 +1,71 @@
+"""Small pure-Python parts: drafter, schedule, predictor file."""
+import os
+
+import numpy as np
+import pytest
+from conftest import constant_predictors
+
+import specee_pc
+from specee_pc.drafters import NgramDrafter
+from specee_pc.model_file import open_weights
+from specee_pc.predictor_file import read_predictor_file, write_predictor_file
+from specee_pc.schedule import ExitSchedule
+
+
+def test_ngram_drafter_prefers_long_recent_matches():
+    drafter = NgramDrafter(max_ngram=2)
+    #            a  b  c  a  b  d  x  b
+    context = [1, 2, 3, 1, 2, 4, 9, 2]
+    # last 2-gram (9, 2) never seen before; last token 2 was followed by 4 (recent), then 3;
+    # then the most frequent tokens fill up to k
+    assert drafter.propose(context, 2) == [4, 3]
+    assert drafter.propose(context, 4) == [4, 3, 2, 1]
+    assert drafter.propose([5, 6, 5, 6, 5], 1) == [6]
+    assert drafter.propose([7], 4) == [7]
+
+
+def test_schedule_adds_online_layers_after_five_exits():
+    schedule = ExitSchedule(n_layer=30, offline=[20, 25], online_offsets=(-2, 0, 2))
+    assert schedule.layers() == [20, 25]
+    for layer in (10, 10, 12, 28, 27):
+        schedule.record_exit(layer)
+    # 28 + 2 and 27 + 2 are past n_layer - 2 and dropped
+    assert schedule.layers() == [8, 10, 12, 14, 20, 25, 26, 27, 28]
+    schedule.reset()
+    assert schedule.layers() == [20, 25]
+
+
+def test_predictor_file_round_trip(model_path, tmp_path):
+    weights = open_weights(model_path)
+    predictors = constant_predictors(weights, [12, 20], score_logit=3.0, threshold=0.7)
+    predictors.layers[12].fc1_weight[:] = np.random.default_rng(1).normal(size=(8, 12))
+    path = str(tmp_path / "p.gguf")
+    write_predictor_file(path, predictors)
+    loaded = read_predictor_file(path)
+    assert (loaded.k, loaded.threshold, loaded.offline_layers) == (4, pytest.approx(0.7), [12, 20])
+    assert sorted(loaded.layers) == [12, 20]
+    np.testing.assert_array_equal(loaded.layers[12].fc1_weight, predictors.layers[12].fc1_weight)
+    assert loaded.layers[20].fc2_bias == 3.0
+    llm = specee_pc.Llama(model_path, n_ctx=256, n_threads=2, verbose=False, predictor=path)
+    assert llm.exit_stats is not None
+
+
+def test_predictor_for_another_model_names_both(model_path, tmp_path):
+    weights = open_weights(model_path)
+    predictors = constant_predictors(weights, [12])
+    predictors.model_n_layer = 24
+    path = str(tmp_path / "other.gguf")
+    write_predictor_file(path, predictors)
+    with pytest.raises(specee_pc.ModelFileError, match="made for a llama with 24 layers.*is a llama with 30 layers"):
+        specee_pc.Llama(model_path, n_ctx=256, n_threads=2, verbose=False, predictor=path)
+    (tmp_path / "junk.gguf").write_text("junk")
+    with pytest.raises(specee_pc.ModelFileError, match="not a readable GGUF predictor file"):
+        read_predictor_file(str(tmp_path / "junk.gguf"))
+
+
+def test_failed_write_leaves_no_file(model_path, tmp_path):
+    predictors = constant_predictors(open_weights(model_path), [12])
+    predictors.layers[12].fc1_weight = "not an array"
+    with pytest.raises(Exception):
+        write_predictor_file(str(tmp_path / "p.gguf"), predictors)
+    assert os.listdir(tmp_path) == []
