@@ -134,7 +134,10 @@ class Hook {
         for (int32_t il : layers) check_layer(il);
         specee_hook_set_capture(h_.get(), layers.data(), (int32_t) layers.size());
     }
-    void begin_step() { specee_hook_begin_step(h_.get()); }
+    void begin_step(int32_t pos) { specee_hook_begin_step(h_.get(), pos); }
+    void set_masking(bool on) { specee_hook_set_masking(h_.get(), on); }
+    void prune_holes(int32_t n_pos) { specee_hook_prune_holes(h_.get(), n_pos); }
+    int32_t n_holes() const { return specee_hook_n_holes(h_.get()); }
 
     float_array hidden(int32_t il) const {
         check_layer(il);
@@ -219,7 +222,10 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("callback_address", &Hook::callback_address)
         .def_property_readonly("user_data_address", &Hook::user_data_address)
         .def("set_capture", &Hook::set_capture, py::arg("layers"))
-        .def("begin_step", &Hook::begin_step)
+        .def("begin_step", &Hook::begin_step, py::arg("pos") = -1)
+        .def("set_masking", &Hook::set_masking, py::arg("on"))
+        .def("prune_holes", &Hook::prune_holes, py::arg("n_pos"))
+        .def_property_readonly("n_holes", &Hook::n_holes)
         .def("hidden", &Hook::hidden, py::arg("layer"))
         .def("set_exit", &Hook::set_exit, py::arg("controller"), py::arg("armed"))
         .def("seen_layers", &Hook::seen_layers);

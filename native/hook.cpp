@@ -8,6 +8,8 @@
 #include "ggml.h"
 #include "ggml-backend.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -23,6 +25,18 @@ struct specee_hook {
     specee_exit * exit  = nullptr;  // decides where a step may stop (not owned)
     bool          armed = false;
     bool          cut   = false;    // this step stopped early
+
+    struct kv_hole {
+        int32_t pos;
+        int64_t cell;
+        int32_t layer; // the exit layer: cells are hidden from deeper layers
+    };
+    bool                 masking = false;
+    std::vector<kv_hole> holes;
+    std::vector<uint8_t> hole_layers;         // [n_layer] some hole exited after this layer
+    int32_t              step_pos  = -1;
+    int64_t              step_cell = -1;      // KV cell of this step's (single) token
+    ggml_tensor *        kq_mask   = nullptr; // this step's mask input
 };
 
 namespace {
@@ -37,6 +51,51 @@ int32_t parse_layer_output(const char * name) {
     return *p == '\0' ? il : -1;
 }
 
+bool is_mask_consumer(const ggml_tensor * t) {
+    return (t->op == GGML_OP_SOFT_MAX && t->src[1]) || (t->op == GGML_OP_FLASH_ATTN_EXT && t->src[3]);
+}
+
+// Graph inputs are set before compute, so the ask phase can read them: the K-cache stores
+// (SET_ROWS) index cells with attn_inp_k_idxs (stream * kv_size + cell); every attention reads
+// the KQ mask input that all layers share (taken afresh per layer: each ubatch has its graph).
+void note_kv_inputs(specee_hook * h, ggml_tensor * t) {
+    if (t->op == GGML_OP_SET_ROWS) {
+        const ggml_tensor * idxs = t->src[1];
+        if (h->step_cell < 0 && idxs->type == GGML_TYPE_I64 && strncmp(idxs->name, "attn_inp_k_idxs", 15) == 0) {
+            ggml_backend_tensor_get(idxs, &h->step_cell, (size_t) (ggml_nelements(idxs) - 1) * sizeof(int64_t), sizeof(int64_t));
+        }
+    } else if (is_mask_consumer(t)) {
+        h->kq_mask = t->op == GGML_OP_SOFT_MAX ? t->src[1] : t->src[3];
+    }
+}
+
+// -inf for every query row at the cells of holes that exited after layer il
+void hide_holes(specee_hook * h, int32_t il) {
+    ggml_tensor * m = h->kq_mask;
+    if (!m || (m->type != GGML_TYPE_F32 && m->type != GGML_TYPE_F16)) return;
+    const uint16_t f16_neg_inf = 0xFC00;
+    const float    f32_neg_inf = -INFINITY;
+    const void *   value = m->type == GGML_TYPE_F32 ? (const void *) &f32_neg_inf : (const void *) &f16_neg_inf;
+    const size_t   size  = ggml_type_size(m->type);
+    const bool     host  = ggml_backend_buffer_is_host(m->buffer);
+    for (const auto & hole : h->holes) {
+        if (hole.layer != il || hole.cell < 0 || hole.cell >= m->ne[0]) continue;
+        for (int64_t row = 0; row < m->ne[1]; ++row) {
+            const size_t offset = (size_t) row * m->nb[1] + (size_t) hole.cell * m->nb[0];
+            if (host) {
+                memcpy((char *) m->data + offset, value, size);
+            } else {
+                ggml_backend_tensor_set(m, value, offset, size);
+            }
+        }
+    }
+}
+
+void index_hole_layers(specee_hook * h) {
+    std::fill(h->hole_layers.begin(), h->hole_layers.end(), 0);
+    for (const auto & hole : h->holes) h->hole_layers[hole.layer] = 1;
+}
+
 } // namespace
 
 specee_hook * specee_hook_init(int32_t n_layer, int32_t n_embd) {
@@ -47,6 +106,7 @@ specee_hook * specee_hook_init(int32_t n_layer, int32_t n_embd) {
     h->seen.assign(n_layer, 0);
     h->captured.assign(n_layer, 0);
     h->hidden.assign((size_t) n_layer * n_embd, 0.0f);
+    h->hole_layers.assign(n_layer, 0);
     return h;
 }
 
@@ -60,12 +120,18 @@ bool specee_hook_eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     // their nodes and refuse it, which stops that split too
     if (h->cut) return ask;
     const int32_t il = parse_layer_output(t->name);
-    if (il < 0 || il >= h->n_layer) return !ask; // not ours: skip it, and never stop the graph
+    if (il < 0 || il >= h->n_layer) { // not ours: skip it, and never stop the graph
+        if (ask && h->masking) note_kv_inputs(h, t);
+        return !ask;
+    }
     const bool decides = h->armed && specee_exit_wants_layer(h->exit, il);
+    const bool hides   = h->masking && h->hole_layers[il];
     if (ask) {
         h->seen[il] = 1;
-        return h->capture[il] || decides;
+        return h->capture[il] || decides || hides;
     }
+    // layers <= il are done with the mask: from here on, holes of exit layer il are hidden
+    if (hides) hide_holes(h, il);
     if (t->type != GGML_TYPE_F32 || t->ne[0] != h->n_embd) return true;
     // the last column is the last token of the ubatch (the last layer keeps only output rows)
     float * hidden = h->hidden.data() + (size_t) il * h->n_embd;
@@ -74,6 +140,10 @@ bool specee_hook_eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     h->captured[il] = 1;
     if (decides && specee_exit_check_layer(h->exit, il, hidden)) {
         h->cut = true;
+        if (h->masking) {
+            h->holes.push_back({h->step_pos, h->step_cell, il});
+            h->hole_layers[il] = 1;
+        }
         return false;
     }
     return true;
@@ -86,10 +156,13 @@ void specee_hook_set_capture(specee_hook * h, const int32_t * layers, int32_t n)
     }
 }
 
-void specee_hook_begin_step(specee_hook * h) {
+void specee_hook_begin_step(specee_hook * h, int32_t pos) {
     std::fill(h->seen.begin(), h->seen.end(), 0);
     std::fill(h->captured.begin(), h->captured.end(), 0);
-    h->cut = false;
+    h->cut       = false;
+    h->step_pos  = pos;
+    h->step_cell = -1;
+    h->kq_mask   = nullptr;
     if (h->exit) specee_exit_begin_step(h->exit);
 }
 
@@ -106,4 +179,22 @@ bool specee_hook_get_hidden(const specee_hook * h, int32_t il, float * out) {
 
 bool specee_hook_saw_layer(const specee_hook * h, int32_t il) {
     return il >= 0 && il < h->n_layer && h->seen[il] != 0;
+}
+
+void specee_hook_set_masking(specee_hook * h, bool on) {
+    h->masking = on;
+    if (!on) {
+        h->holes.clear();
+        index_hole_layers(h);
+    }
+}
+
+void specee_hook_prune_holes(specee_hook * h, int32_t n_pos) {
+    h->holes.erase(std::remove_if(h->holes.begin(), h->holes.end(), [n_pos](const specee_hook::kv_hole & hole) { return hole.pos >= n_pos; }),
+                   h->holes.end());
+    index_hole_layers(h);
+}
+
+int32_t specee_hook_n_holes(const specee_hook * h) {
+    return (int32_t) h->holes.size();
 }

@@ -122,7 +122,8 @@ bool specee_hook_eval_callback(struct ggml_tensor * t, bool ask, void * user_dat
 void specee_hook_set_capture(struct specee_hook * h, const int32_t * layers, int32_t n);
 
 // Forgets what the previous decode step captured and saw; call before llama_decode.
-void specee_hook_begin_step(struct specee_hook * h);
+// pos: position of the batch's last token (the one a cut leaves behind as a KV hole).
+void specee_hook_begin_step(struct specee_hook * h, int32_t pos);
 
 // Copies the last decode step's hidden state of layer il into out[n_embd].
 // False if that layer was not captured in the step.
@@ -132,6 +133,15 @@ bool specee_hook_get_hidden(const struct specee_hook * h, int32_t il, float * ou
 // armed, the hook cuts the graph after the layer where the controller decides to exit: it
 // refuses the observation there, and every node of later graph splits too.
 void specee_hook_set_exit(struct specee_hook * h, struct specee_exit * e, bool armed);
+
+// KV holes ("mask" policy). A token that exited after layer e never wrote K/V in layers > e.
+// With masking on, each cut records a hole (position, KV cell, e), and in every later step the
+// hook hides the hole's cell from layers > e: between layers, it writes -inf into the KQ mask
+// input (one tensor feeds all layers; it is rewritten at every graph compute).
+void    specee_hook_set_masking(struct specee_hook * h, bool on);
+// Forgets holes at positions >= n_pos (those positions left the KV cache).
+void    specee_hook_prune_holes(struct specee_hook * h, int32_t n_pos);
+int32_t specee_hook_n_holes(const struct specee_hook * h);
 
 // Whether the graph of the last step had a node named l_out-<il>.
 bool specee_hook_saw_layer(const struct specee_hook * h, int32_t il);

@@ -12,7 +12,7 @@ from .drafters import Drafter
 from .predictor_file import PredictorFile
 from .schedule import ExitSchedule
 
-KV_POLICIES = ("exact",)
+KV_POLICIES = ("exact", "mask")
 EXIT_RULES = {"verify": _native.RULE_VERIFY, "candidates": _native.RULE_CANDIDATES}
 
 
@@ -64,18 +64,15 @@ class ExitEngine:
     def __init__(self, weights, hook, *, n_threads: int, drafter: Drafter, predictors: Optional[PredictorFile],
                  rule: str = "verify", threshold: Optional[float] = None, kv_policy: str = "exact",
                  force_exit_layers: Sequence[int] = (), offline_layers: Optional[Sequence[int]] = None,
-                 online_offsets: Optional[Sequence[int]] = None, k: Optional[int] = None):
+                 online_offsets: Optional[Sequence[int]] = None):
         if kv_policy not in KV_POLICIES:
             raise ValueError(f"kv_policy must be one of {KV_POLICIES}, not {kv_policy!r}")
         if rule not in EXIT_RULES:
             raise ValueError(f"exit rule must be one of {tuple(EXIT_RULES)}, not {rule!r}")
-        n_layer = weights.n_layer
-        bad = [il for il in force_exit_layers if not 0 <= il <= n_layer - 2]
-        if bad:
-            raise ValueError(f"forced exit layers must be in [0, {n_layer - 2}], got {bad}")
+        n_layer = self.n_layer = weights.n_layer
         self.kv_policy = kv_policy
         self.drafter = drafter
-        self.k = k or (predictors.k if predictors else 4)
+        self.k = predictors.k if predictors else 0
         self.controller = _native.ExitController(weights, n_threads)
         if predictors is not None:
             for il, p in predictors.layers.items():
@@ -83,17 +80,23 @@ class ExitEngine:
         if threshold is None:
             threshold = predictors.threshold if predictors else 0.5
         self.controller.set_rule(EXIT_RULES[rule], threshold)
-        self.controller.set_forced(list(force_exit_layers))
+        self.set_forced(force_exit_layers)
         offline = offline_layers if offline_layers is not None else (predictors.offline_layers if predictors else [])
         offsets = online_offsets if online_offsets is not None else (predictors.online_offsets if predictors else [])
         self.schedule = ExitSchedule(n_layer, offline, offsets)
-        self.forced = list(force_exit_layers)
         # a threshold a sigmoid never passes turns exits off: then do not score at all
         self.has_predictors = predictors is not None and bool(predictors.layers) and threshold < 1.0
         self.hook = hook
         hook.set_exit(self.controller, False)
         self.stats = ExitStats(n_layer)
         self._open: Optional[_OpenStep] = None
+
+    def set_forced(self, layers: Sequence[int]) -> None:
+        bad = [il for il in layers if not 0 <= il <= self.n_layer - 2]
+        if bad:
+            raise ValueError(f"forced exit layers must be in [0, {self.n_layer - 2}], got {bad}")
+        self.forced = list(layers)
+        self.controller.set_forced(self.forced)
 
     def reset_stats(self) -> None:
         self.stats = ExitStats(self.stats.n_layer)

@@ -28,8 +28,21 @@ class LayerHook:
     def set_capture(self, layers: Iterable[int]) -> None:
         self._native.set_capture(sorted(set(int(il) for il in layers)))
 
-    def begin_step(self) -> None:
-        self._native.begin_step()
+    def begin_step(self, position: int = -1) -> None:
+        """Before llama_decode; position: the batch's last token (a cut leaves it as a KV hole)."""
+        self._native.begin_step(position)
+
+    def set_masking(self, on: bool) -> None:
+        """Record a KV hole at each cut and hide it from deeper layers in later steps."""
+        self._native.set_masking(on)
+
+    def prune_holes(self, n_pos: int) -> None:
+        """Forget holes at positions >= n_pos: they are leaving the KV cache."""
+        self._native.prune_holes(n_pos)
+
+    @property
+    def n_holes(self) -> int:
+        return self._native.n_holes
 
     def hidden(self, layer: int) -> np.ndarray:
         return self._native.hidden(layer)

@@ -30,9 +30,14 @@ class Llama(llama_cpp.Llama):
         exit_rule          "verify" (SpecEE) or "candidates" (no full LM head at the exit)
         exit_threshold     predictor score above which a step may exit (default: the file's)
         kv_policy          "exact": an exited token is re-run in full with its exit token, and
-                           that batch's logits verify it, so outputs are the full model's
+                           that batch's logits verify it, so outputs are the full model's;
+                           "mask" (SpecEE): the exit token is emitted from the exit layer's
+                           logits, and deeper layers never attend to the exited position
         drafter            "ngram" (prompt lookup) or a Drafter object
         force_exit_layers  debug: exit at the first of these layers that a step reaches
+        offline_layers     layers always checked (default: the predictor file's)
+        online_offsets     offsets around the last 5 exit layers also checked (default: the file's,
+                           SpecEE's -2, 0, +2)
 
     Extra API: `weights` (final norm and LM-head rows read from the GGUF), `capture_layers()`
     and `hidden_state()` (residual stream after a layer, last token of the last decode step),
@@ -42,7 +47,9 @@ class Llama(llama_cpp.Llama):
     def __init__(self, model_path: str, *, verbose: bool = True,
                  predictor: Union[str, PredictorFile, None] = None, exit_rule: str = "verify",
                  exit_threshold: Optional[float] = None, kv_policy: str = "exact",
-                 drafter: Union[str, Drafter] = "ngram", force_exit_layers: Sequence[int] = (), **kwargs):
+                 drafter: Union[str, Drafter] = "ngram", force_exit_layers: Sequence[int] = (),
+                 offline_layers: Optional[Sequence[int]] = None, online_offsets: Optional[Sequence[int]] = None,
+                 **kwargs):
         # our own checks first: llama.cpp would only say "failed to load model"
         self.weights = open_weights(model_path)
         try:
@@ -57,7 +64,8 @@ class Llama(llama_cpp.Llama):
         self._engine: Optional[ExitEngine] = None
         self._decoding = False  # prompt processing never exits
         self.configure_exits(predictor=predictor, exit_rule=exit_rule, exit_threshold=exit_threshold,
-                             kv_policy=kv_policy, drafter=drafter, force_exit_layers=force_exit_layers)
+                             kv_policy=kv_policy, drafter=drafter, force_exit_layers=force_exit_layers,
+                             offline_layers=offline_layers, online_offsets=online_offsets)
 
     # ------------------------------------------------------------------ setup
 
@@ -93,7 +101,7 @@ class Llama(llama_cpp.Llama):
         specee-pc finds layers by these tensor names; a llama.cpp or architecture that
         names them otherwise must fail here, not silently skip every exit later.
         """
-        self._hook.begin_step()
+        self._hook.begin_step(0)
         self._batch.set_batch(batch=[self.token_bos() if self.token_bos() >= 0 else 0], n_past=0, logits_all=False)
         self._ctx.decode(self._batch)
         self._ctx.kv_cache_clear()
@@ -111,8 +119,15 @@ class Llama(llama_cpp.Llama):
 
     def configure_exits(self, *, predictor: Union[str, PredictorFile, None] = None, exit_rule: str = "verify",
                         exit_threshold: Optional[float] = None, kv_policy: str = "exact",
-                        drafter: Union[str, Drafter] = "ngram", force_exit_layers: Sequence[int] = ()) -> None:
+                        drafter: Union[str, Drafter] = "ngram", force_exit_layers: Sequence[int] = (),
+                        offline_layers: Optional[Sequence[int]] = None,
+                        online_offsets: Optional[Sequence[int]] = None) -> None:
         """(Re)configure early exit for the next generations; no predictor and no forced layers: off."""
+        if self._hook.n_holes:
+            # cached positions with holes are only valid under masking: start from an empty cache
+            self._ctx.kv_cache_clear()
+            self.n_tokens = 0
+        self._hook.set_masking(False)
         if predictor is None and not force_exit_layers:
             self._engine = None
             self._hook.set_exit(None)
@@ -128,7 +143,16 @@ class Llama(llama_cpp.Llama):
         # workers spin-wait, so a second thread of ours only competes with them (measured)
         self._engine = ExitEngine(self.weights, self._hook, n_threads=1, drafter=drafter,
                                   predictors=predictor, rule=exit_rule, threshold=exit_threshold,
-                                  kv_policy=kv_policy, force_exit_layers=force_exit_layers)
+                                  kv_policy=kv_policy, force_exit_layers=force_exit_layers,
+                                  offline_layers=offline_layers, online_offsets=online_offsets)
+        self._hook.set_masking(kv_policy == "mask")
+
+    def force_exits(self, layers: Sequence[int]) -> None:
+        """Debug: from the next decode step on, exit at the first of these layers that a step
+        reaches (an empty list stops forcing); keeps the cache, unlike configure_exits."""
+        if self._engine is None:
+            raise ValueError("early exit is off: configure_exits() first")
+        self._engine.set_forced(layers)
 
     @property
     def exit_stats(self) -> Optional[ExitStats]:
@@ -151,19 +175,20 @@ class Llama(llama_cpp.Llama):
         # an exit re-runs its token with the exit token: both must fit (llama_cpp's own buffers
         # hold the n_ctx asked for, llama.cpp's context may be padded beyond it)
         room = min(self._n_ctx, len(self.input_ids)) - self.n_tokens
+        self._hook.prune_holes(self.n_tokens)  # eval overwrites positions from n_tokens on
         if self._engine is None or not self._decoding or len(tokens) != 1 or room < 2:
-            self._hook.begin_step()
+            self._hook.begin_step(self.n_tokens + len(tokens) - 1)
             super().eval(tokens)
             return
         self._engine.settle(self.input_ids, self.n_tokens, tokens[0])
         self._eval_with_exit(tokens[0])
 
     def _eval_with_exit(self, token: int) -> None:
-        """One decode step that may stop after a scheduled layer (kv_policy "exact")."""
+        """One decode step that may stop after a scheduled layer."""
         t = self.n_tokens
         self._ctx.kv_cache_seq_rm(-1, t, -1)
         self._engine.arm(np.append(self.input_ids[:t], token))
-        self._hook.begin_step()
+        self._hook.begin_step(t)
         start = time.perf_counter()
         try:
             self._decode_at(t, [token], all_logits=False)
@@ -173,15 +198,25 @@ class Llama(llama_cpp.Llama):
         stats.first_pass_ms += (time.perf_counter() - start) * 1e3
         if step["exit_layer"] < 0:
             return
+        if self._engine.kv_policy == "mask":
+            # llama.cpp left stale logits behind the cut: the sampler must see the exit layer's
+            self._set_last_logits(self._engine.controller.logits())
+            return
         # Layers after the exit never saw this token (their K/V cells are stale), and the exit
         # token is only a guess: re-run the token in full together with its exit token. The
         # batch's logits verify the guess (llama_cpp's generate samples the first row and rolls
         # back on a mismatch) and, when it holds, give the next token's logits for free.
         start = time.perf_counter()
         self._ctx.kv_cache_seq_rm(-1, t, -1)
-        self._hook.begin_step()
+        self._hook.begin_step(t + 1)
         self._decode_at(t, [token, step["exit_token"]], all_logits=True)
         stats.repair_ms += (time.perf_counter() - start) * 1e3
+
+    def _set_last_logits(self, logits: np.ndarray) -> None:
+        """Write logits where llama.cpp's (and so llama_cpp's) samplers read the last token's."""
+        np.ctypeslib.as_array(self._ctx.get_logits_ith(-1), shape=(self._n_vocab,))[:] = logits
+        if self._logits_all:
+            self.scores[self.n_tokens - 1, :] = logits
 
     def _decode_at(self, n_past: int, tokens: Sequence[int], all_logits: bool) -> None:
         """llama_decode tokens at positions n_past..., keeping llama_cpp.Llama's bookkeeping."""
