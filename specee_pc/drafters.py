@@ -2,6 +2,8 @@
 from collections import Counter
 from typing import List, Protocol, Sequence
 
+import numpy as np
+
 
 class Drafter(Protocol):
     def propose(self, context: Sequence[int], k: int) -> List[int]:
@@ -42,3 +44,40 @@ class NgramDrafter:
             if token not in found:
                 found.append(token)
         return found
+
+
+class DraftModelDrafter:
+    """Top-k of a smaller GGUF model that shares the target's vocabulary, in its own context.
+
+    Its KV cache follows the target's context by prefix: each call decodes only the tokens it
+    has not seen, after dropping what the target rolled back.
+    """
+
+    def __init__(self, path: str, *, target_vocab: int, n_ctx: int = 2048, n_threads: int = 2,
+                 n_gpu_layers: int = 0):
+        import llama_cpp
+
+        from .model_file import open_weights
+
+        weights = open_weights(path)  # one-line errors for missing or broken files
+        if weights.n_vocab != target_vocab:
+            raise ValueError(f"{path}: draft model has a vocabulary of {weights.n_vocab} tokens, "
+                             f"the target {target_vocab}: they must share one")
+        self.model = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                                     verbose=False)
+
+    def propose(self, context: Sequence[int], k: int) -> List[int]:
+        m = self.model
+        seen = m.input_ids[:m.n_tokens]
+        common = 0
+        limit = min(len(seen), len(context) - 1)  # re-decode at least the last token: its logits
+        while common < limit and seen[common] == context[common]:
+            common += 1
+        m.n_tokens = common
+        m.eval(list(context[common:]))  # eval drops cache positions >= n_tokens first
+        logits = np.ctypeslib.as_array(m._ctx.get_logits_ith(-1), shape=(m.n_vocab(),))
+        top = np.argpartition(logits, -k)[-k:]
+        return [int(t) for t in top[np.argsort(-logits[top])]]
+
+    def close(self) -> None:
+        self.model.close()

@@ -13,7 +13,7 @@ import numpy as np
 from llama_cpp import _internals as internals
 from llama_cpp._utils import suppress_stdout_stderr
 
-from .drafters import Drafter, NgramDrafter
+from .drafters import DraftModelDrafter, Drafter, NgramDrafter
 from .engine import ExitEngine, ExitStats
 from .errors import ModelFileError
 from .hook import LayerHook
@@ -33,7 +33,8 @@ class Llama(llama_cpp.Llama):
                            that batch's logits verify it, so outputs are the full model's;
                            "mask" (SpecEE): the exit token is emitted from the exit layer's
                            logits, and deeper layers never attend to the exited position
-        drafter            "ngram" (prompt lookup) or a Drafter object
+        drafter            "ngram" (prompt lookup), a path to a draft GGUF model that shares the
+                           target's vocabulary (top-k of its logits), or a Drafter object
         force_exit_layers  debug: exit at the first of these layers that a step reaches
         offline_layers     layers always checked (default: the predictor file's)
         online_offsets     offsets around the last 5 exit layers also checked (default: the file's,
@@ -138,7 +139,10 @@ class Llama(llama_cpp.Llama):
         if drafter == "ngram":
             drafter = NgramDrafter()
         elif isinstance(drafter, str):
-            raise ValueError(f"unknown drafter {drafter!r}: use 'ngram' or a Drafter object")
+            if not drafter.endswith(".gguf"):
+                raise ValueError(f"unknown drafter {drafter!r}: use 'ngram', a draft model .gguf path or a Drafter")
+            drafter = DraftModelDrafter(drafter, target_vocab=self.weights.n_vocab, n_ctx=self._n_ctx,
+                                        n_threads=self.n_threads)
         # one thread: the exit decision runs inside the eval callback while ggml's own CPU
         # workers spin-wait, so a second thread of ours only competes with them (measured)
         self._engine = ExitEngine(self.weights, self._hook, n_threads=1, drafter=drafter,

@@ -143,3 +143,31 @@ def test_bad_exit_options_are_rejected(model_path):
         llm.configure_exits(force_exit_layers=[5], kv_policy="stale")
     with pytest.raises(ValueError, match="drafter"):
         llm.configure_exits(force_exit_layers=[5], drafter="eagle")
+
+
+def test_draft_model_drafter(model_path):
+    # the target as its own draft: its top-4 always hold the full model's token
+    predictors = constant_predictors(llm_weights(model_path), [20, 26])
+    llm = hooked(model_path, predictor=predictors, drafter=model_path)
+    assert_exact(model_path, llm, PROMPT, 40)
+    stats = llm.exit_stats
+    assert stats.exits > 0 and stats.drafter_ms > 0
+    assert stats.candidate_hits == stats.candidate_steps > 0
+
+
+def test_draft_model_with_another_vocabulary_is_rejected(model_path, tmp_path):
+    import gguf
+
+    path = str(tmp_path / "tiny.gguf")
+    writer = gguf.GGUFWriter(path, arch="llama")
+    writer.add_block_count(1)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tensor("output_norm.weight", np.ones(576, np.float32))
+    writer.add_tensor("token_embd.weight", np.zeros((100, 576), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    llm = specee_pc.Llama(model_path, n_ctx=256, n_threads=N_THREADS, verbose=False)
+    with pytest.raises(ValueError, match="vocabulary of 100 tokens, the target 49152"):
+        llm.configure_exits(predictor=constant_predictors(llm.weights, [20]), drafter=path)

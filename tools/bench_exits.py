@@ -7,6 +7,9 @@ layer scored, no exit), decoding the same prompts
 greedily, interleaved per repetition; reports median tok/s and the median of per-run ratios.
 Part 2, the cut: forced exits at each given layer; reports the first pass's ms/step (the cut
 step alone) and the exact policy's repair cost.
+Part 3, the KV policies with predictors that always fire (verify rule, prompt-lookup
+candidates: a step exits whenever the layer's top-1 is a candidate): tok/s against
+llama_cpp, exits, and how long the greedy output stays identical to llama_cpp's.
 
     python tools/bench_exits.py [MODEL.gguf] --runs 5 -n 96 -t 2 --layers 5,10,15,20,25,28
 """
@@ -33,11 +36,11 @@ def decode_tokens_per_second(llm, prompt: str, n: int) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-def silent_predictors(weights, layers, k=4, hidden=512) -> PredictorFile:
-    """Full-size MLPs (12 -> 512 -> 1) whose score is far below any threshold."""
+def flat_predictors(weights, layers, score_logit, k=4, hidden=512) -> PredictorFile:
+    """Full-size MLPs (12 -> 512 -> 1) whose score is sigmoid(score_logit), whatever the features."""
     rng = np.random.default_rng(0)
     mlp = LayerPredictor(rng.normal(size=(hidden, 3 * k)).astype(np.float32) * 0.01, np.zeros(hidden, np.float32),
-                         np.zeros(hidden, np.float32), -20.0)
+                         np.zeros(hidden, np.float32), score_logit)
     return PredictorFile(weights.arch, weights.n_layer, weights.n_embd, weights.n_vocab, k, 0.5, list(layers),
                          layers={il: mlp for il in layers})
 
@@ -46,9 +49,11 @@ def overhead(path, args):
     common = dict(n_ctx=1024, n_threads=args.threads, verbose=False)
     hooked = specee_pc.Llama(path, **common)
     n_layer = hooked.weights.n_layer
-    scored = specee_pc.Llama(path, **common,
-                             predictor=silent_predictors(hooked.weights, range(n_layer // 2, n_layer - 1)))
-    models = {"llama_cpp": llama_cpp.Llama(path, **common), "exits off": hooked, "scored, no exit": scored}
+    predictors = flat_predictors(hooked.weights, range(n_layer // 2, n_layer - 1), score_logit=-20.0)
+    scored = specee_pc.Llama(path, **common, predictor=predictors)
+    models = {"llama_cpp": llama_cpp.Llama(path, **common), "exits off": hooked,
+              "threshold 1.5": specee_pc.Llama(path, **common, predictor=predictors, exit_threshold=1.5),
+              "scored, no exit": scored}
     speeds = {name: [] for name in models}
     for _ in range(args.runs):
         for prompt in PROMPTS:
@@ -79,6 +84,27 @@ def cut(path, args):
               f"repair {statistics.median(repair):6.2f}")
 
 
+def policies(path, args):
+    print(f"KV policies, predictors always firing at layers {args.fire_layers} (median of {args.runs} runs)")
+    common = dict(n_ctx=1024, n_threads=args.threads, verbose=False)
+    vanilla = llama_cpp.Llama(path, **common)
+    weights = specee_pc.model_file.open_weights(path)
+    predictors = flat_predictors(weights, args.fire_layers, score_logit=20.0)
+    for policy in ("exact", "mask"):
+        llm = specee_pc.Llama(path, **common, predictor=predictors, kv_policy=policy)
+        ratios, agree = [], []
+        for prompt in PROMPTS:
+            for _ in range(args.runs):
+                ratios.append(decode_tokens_per_second(llm, prompt, args.n) / decode_tokens_per_second(vanilla, prompt, args.n))
+            tokens = llm.tokenize(prompt.encode())
+            ours = [t for _, t in zip(range(args.n), llm.generate(tokens, temp=0.0))]
+            theirs = [t for _, t in zip(range(args.n), vanilla.generate(tokens, temp=0.0))]
+            agree.append(next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), args.n))
+        s = llm.exit_stats
+        print(f"  {policy:5s}: {statistics.median(ratios):.3f}x llama_cpp tok/s, exits {s.exits}/{s.steps}, "
+              f"mean layers {s.mean_layers:.1f}; identical greedy tokens before the first divergence: {agree}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", default=None, help="GGUF model (default: embedded SmolLM2-135M)")
@@ -86,11 +112,14 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=96, help="tokens per run")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--layers", default="5,10,15,20,25,28", help="forced exit layers to time")
+    ap.add_argument("--fire-layers", default="16,20,24,27", help="layers of the always-firing predictors")
     args = ap.parse_args()
     args.layers = [int(x) for x in args.layers.split(",")]
+    args.fire_layers = [int(x) for x in args.fire_layers.split(",")]
     path = args.model or specee_pc.default_model_path()
     overhead(path, args)
     cut(path, args)
+    policies(path, args)
 
 
 if __name__ == "__main__":

@@ -42,14 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     exits = p.add_argument_group("early exit (off unless --predictor or --force-exit-layers is given)")
     exits.add_argument("--predictor", metavar="FILE.gguf", help="predictor file made for this model")
+    exits.add_argument("--draft", metavar="MODEL.gguf",
+                       help="draft model sharing the target's vocabulary: its top-k are the candidates "
+                            "(default: prompt lookup over the context)")
     exits.add_argument("--exit-rule", choices=["verify", "candidates"], default="verify",
                        help="verify: full LM head at the exit, exit only if its argmax is a candidate (SpecEE); "
                             "candidates: emit the best candidate without the full LM head (default: verify)")
     exits.add_argument("--threshold", type=float, default=None,
                        help="predictor score above which a step may exit (default: the predictor file's)")
-    exits.add_argument("--kv-policy", choices=["exact"], default="exact",
+    exits.add_argument("--kv-policy", choices=["exact", "mask"], default="exact",
                        help="exact: re-run an exited token in full with its exit token, whose logits verify it: "
-                            "outputs are the full model's (default: exact)")
+                            "outputs are the full model's; mask (SpecEE, lossy, no repair cost): emit the exit "
+                            "token, and hide the position from the layers it skipped (default: exact)")
     exits.add_argument("--force-exit-layers", type=layer_list, default=[], metavar="L1,L2",
                        help="debug: exit at the first of these layers each step reaches")
     return p
@@ -140,7 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         model = args.model or default_model_path()
         llm = Llama(model, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                     seed=args.seed if args.seed >= 0 else 0xFFFFFFFF, verbose=args.verbose,
-                    predictor=args.predictor, exit_rule=args.exit_rule, exit_threshold=args.threshold,
+                    predictor=args.predictor, drafter=args.draft or "ngram", exit_rule=args.exit_rule, exit_threshold=args.threshold,
                     kv_policy=args.kv_policy, force_exit_layers=args.force_exit_layers)
         if args.prompt is None:
             return chat(llm, args)
