@@ -2,6 +2,8 @@
 // Each class owns one C object; the friendly API lives in specee_pc/.
 #include "specee.h"
 
+#include "ggml-cpu.h"
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -199,6 +201,9 @@ PYBIND11_MODULE(_native, m) {
             }
             return out;
         }, py::arg("z"), py::arg("n_threads") = 1);
+
+    m.def("cpu_buffer_type_address", []() { return reinterpret_cast<uintptr_t>(ggml_backend_cpu_buffer_type()); },
+          "ggml's CPU buffer type, for llama_model_params.tensor_buft_overrides");
 
     m.attr("RULE_VERIFY") = (int) SPECEE_RULE_VERIFY;
     m.attr("RULE_CANDIDATES") = (int) SPECEE_RULE_CANDIDATES;

@@ -12,12 +12,14 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 from llama_cpp._utils import suppress_stdout_stderr
+from llama_cpp.llama_tokenizer import LlamaTokenizer
 
 from .drafters import DraftModelDrafter, Drafter, NgramDrafter
 from .engine import ExitEngine, ExitStats
 from .errors import ModelFileError
 from .hook import LayerHook
 from .model_file import open_weights
+from .offload import offload_first_layers
 from .predictor_file import PredictorFile, read_predictor_file
 from .stats import GenerationStats
 
@@ -40,6 +42,10 @@ class Llama(llama_cpp.Llama):
         online_offsets     offsets around the last 5 exit layers also checked (default: the file's,
                            SpecEE's -2, 0, +2)
 
+    Offload: `offload_first_layers=True` puts the first `n_gpu_layers` layers and the LM head on
+    the GPU and the rest on the CPU (SpecEE's reversed offload: exits skip the CPU layers);
+    llama.cpp's default offloads the last layers.
+
     Extra API: `weights` (final norm and LM-head rows read from the GGUF), `capture_layers()`
     and `hidden_state()` (residual stream after a layer, last token of the last decode step),
     `last_stats` (timing of the last generation) and `exit_stats` (its early exits).
@@ -50,11 +56,20 @@ class Llama(llama_cpp.Llama):
                  exit_threshold: Optional[float] = None, kv_policy: str = "exact",
                  drafter: Union[str, Drafter] = "ngram", force_exit_layers: Sequence[int] = (),
                  offline_layers: Optional[Sequence[int]] = None, online_offsets: Optional[Sequence[int]] = None,
-                 **kwargs):
+                 offload_first_layers: bool = False, **kwargs):
         # our own checks first: llama.cpp would only say "failed to load model"
         self.weights = open_weights(model_path)
+        n_gpu_layers = kwargs.get("n_gpu_layers", 0)
+        # without a GPU there is nothing to place (and overrides to the plain CPU buffer type
+        # would only turn llama.cpp's repacked CPU kernels off)
+        reverse = (offload_first_layers and 0 < n_gpu_layers < self.weights.n_layer
+                   and llama_cpp.llama_supports_gpu_offload())
+        if reverse:
+            kwargs["n_gpu_layers"] = 0  # loaded again below with the layers placed
         try:
             super().__init__(model_path=model_path, verbose=verbose, **kwargs)
+            if reverse:
+                self._reload_with_first_layers_on_gpu(n_gpu_layers)
         except ValueError as e:
             raise ModelFileError(f"{model_path}: llama.cpp cannot load it ({e})") from None
         self._check_same_model()
@@ -76,6 +91,20 @@ class Llama(llama_cpp.Llama):
         if ours != theirs:
             raise ModelFileError(f"{self.model_path}: GGUF metadata (n_layer, n_embd, n_vocab) = {ours} "
                                  f"but llama.cpp loaded {theirs}")
+
+    def _reload_with_first_layers_on_gpu(self, n_gpu_layers: int) -> None:
+        """Load the model again with SpecEE's reversed offload (llama_cpp.Llama has no way to pass
+        tensor buffer-type overrides). The first load was CPU-only and mapped, so it was cheap."""
+        self._ctx.close()
+        self._model.close()
+        overrides = offload_first_layers(self.model_params, self.weights.n_layer, n_gpu_layers)
+        with suppress_stdout_stderr(disable=self.verbose):
+            self._model = self._stack.enter_context(contextlib.closing(
+                internals.LlamaModel(path_model=self.model_path, params=self.model_params, verbose=self.verbose)))
+        self.model_params.tensor_buft_overrides = None  # read during the load only
+        del overrides
+        if type(self.tokenizer_) is LlamaTokenizer:  # it holds the model it was made with
+            self.tokenizer_ = LlamaTokenizer(self)
 
     def _recreate_context_with_hook(self) -> None:
         """Replace the context llama_cpp.Llama made by one whose params carry our eval callback.

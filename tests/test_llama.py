@@ -73,3 +73,19 @@ def test_bad_model_files_raise_model_file_error(tmp_path):
         specee_pc.Llama(str(bad), verbose=False)
     with pytest.raises(specee_pc.ModelFileError, match="no such file"):
         specee_pc.Llama(str(tmp_path / "missing.gguf"), verbose=False)
+
+
+def test_offload_first_layers(model_path, reference, monkeypatch):
+    """Reversed offload reloads the model with the deep layers overridden to the CPU. This
+    machine has no GPU, so the overrides only move CPU tensors: the path runs, outputs stay
+    exact; what it does on a GPU is untested here."""
+    from specee_pc.offload import deep_layers_pattern
+
+    assert deep_layers_pattern(30, 27) == r"^blk\.(27|28|29)\."
+    monkeypatch.setattr(specee_pc.llama.llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    llm = specee_pc.Llama(model_path, n_ctx=512, n_threads=2, verbose=False, n_gpu_layers=10,
+                          offload_first_layers=True, force_exit_layers=[5])
+    llm.configure_exits()
+    assert text(llm.create_completion(PROMPTS[1], max_tokens=24, temperature=0.0)) == \
+        text(reference.create_completion(PROMPTS[1], max_tokens=24, temperature=0.0))
+    assert llm.tokenize(b"hello") == reference.tokenize(b"hello")

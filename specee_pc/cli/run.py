@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads (default: %(default)s on this machine)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
                    help="layers to offload to the GPU, -1 for all (needs a GPU build of llama-cpp-python; default: 0)")
+    p.add_argument("--offload-first", action="store_true",
+                   help="put the first -ngl layers and the LM head on the GPU, the rest on the CPU (SpecEE's "
+                        "reversed offload: early exits skip the CPU layers); untested on a GPU so far")
     p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy (default: 0.8)")
     p.add_argument("--top-k", type=int, default=40, help="top-k sampling (default: 40)")
     p.add_argument("--top-p", type=float, default=0.95, help="top-p sampling (default: 0.95)")
@@ -143,6 +146,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         model = args.model or default_model_path()
         llm = Llama(model, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                    offload_first_layers=args.offload_first,
                     seed=args.seed if args.seed >= 0 else 0xFFFFFFFF, verbose=args.verbose,
                     predictor=args.predictor, drafter=args.draft or "ngram", exit_rule=args.exit_rule, exit_threshold=args.threshold,
                     kv_policy=args.kv_policy, force_exit_layers=args.force_exit_layers)
