@@ -94,6 +94,17 @@ class ExitController {
 
     void begin_step() { specee_exit_begin_step(e_.get()); }
 
+    float_array score(int32_t il, const float_array & rows) const {
+        if (rows.ndim() != 2) throw py::value_error("score expects feature rows [n, 3k]");
+        float_array out(rows.shape(0));
+        for (py::ssize_t i = 0; i < rows.shape(0); ++i) {
+            const float s = specee_exit_score(e_.get(), il, rows.data(i, 0));
+            if (s < 0) throw py::key_error("no predictor for layer " + std::to_string(il));
+            out.mutable_data()[i] = s;
+        }
+        return out;
+    }
+
     bool check_layer(int32_t il, const float_array & hidden) {
         if (hidden.ndim() != 1 || hidden.shape(0) != n_embd_) throw py::value_error("hidden state must have n_embd values");
         return specee_exit_check_layer(e_.get(), il, hidden.data());
@@ -187,6 +198,7 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("n_embd", [](const Weights & w) { return w.info().n_embd; })
         .def_property_readonly("n_vocab", [](const Weights & w) { return w.info().n_vocab; })
         .def_property_readonly("norm_eps", [](const Weights & w) { return w.info().norm_eps; })
+        .def_property_readonly("tokenizer_hash", [](const Weights & w) { return w.info().tokenizer_hash; })
         .def_property_readonly("lm_head_tensor", [](const Weights & w) { return std::string(w.info().lm_head_tensor); })
         .def_property_readonly("lm_head_type", [](const Weights & w) { return std::string(w.info().lm_head_type); })
         .def("output_norm", &Weights::output_norm)
@@ -217,6 +229,8 @@ PYBIND11_MODULE(_native, m) {
         .def("set_forced", &ExitController::set_forced, py::arg("layers"))
         .def("set_candidates", &ExitController::set_candidates, py::arg("ids"))
         .def("begin_step", &ExitController::begin_step)
+        .def("score", &ExitController::score, py::arg("layer"), py::arg("features"),
+             "the layer's predictor scores for feature rows [n, 3k]")
         .def("check_layer", &ExitController::check_layer, py::arg("layer"), py::arg("hidden"),
              "run the exit decision on a layer's hidden state; True: the step would stop there")
         .def("step", &ExitController::step)

@@ -96,6 +96,11 @@ void specee_exit_set_rule(specee_exit * e, specee_exit_rule rule, float threshol
     e->threshold = threshold;
 }
 
+float specee_exit_score(const specee_exit * e, int32_t il, const float * x) {
+    if (il < 0 || il >= e->n_layer || e->mlp[il].n_hidden == 0) return -1.0f;
+    return e->mlp[il].score(x, e->n_features);
+}
+
 static void set_layers(std::vector<uint8_t> & flags, const int32_t * layers, int32_t n) {
     std::fill(flags.begin(), flags.end(), 0);
     for (int32_t i = 0; i < n; ++i) {

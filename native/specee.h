@@ -31,6 +31,7 @@ struct specee_weights_info {
     int32_t      n_embd;
     int32_t      n_vocab;
     float        norm_eps;       // <arch>.attention.layer_norm_rms_epsilon
+    uint64_t     tokenizer_hash; // FNV-1a of tokenizer.ggml.tokens (0 if absent): ties files to a vocabulary
 };
 
 // Opens and validates a GGUF file (magic, header, tensor data inside the file).
@@ -89,6 +90,8 @@ void                 specee_exit_free(struct specee_exit * e);
 bool specee_exit_set_predictor(struct specee_exit * e, int32_t il, int32_t n_hidden, int32_t n_features,
                                const float * fc1_w, const float * fc1_b, const float * fc2_w, float fc2_b);
 void specee_exit_set_rule(struct specee_exit * e, enum specee_exit_rule rule, float threshold);
+// Layer il's predictor score for a feature row x[3k]; -1 without a predictor there.
+float specee_exit_score(const struct specee_exit * e, int32_t il, const float * x);
 
 // Per step: the layers to check and the candidates (their LM-head rows are dequantized here).
 // Candidates are checked against the vocabulary; false if an id is out of range.

@@ -27,6 +27,7 @@ struct specee_weights {
     int32_t     n_embd   = 0;
     int32_t     n_vocab  = 0;
     float       norm_eps = 0.0f;
+    uint64_t    tokenizer_hash = 0;
 
     std::vector<float> output_norm;         // [n_embd]
     ggml_type          lm_head_type = GGML_TYPE_F32;
@@ -119,6 +120,18 @@ void read_metadata(specee_weights * w, const gguf_context * g) {
     id = find_key(g, w->arch + ".attention.layer_norm_rms_epsilon", GGUF_TYPE_FLOAT32);
     if (id < 0) fail("no %s.attention.layer_norm_rms_epsilon: not an RMSNorm model", w->arch.c_str());
     w->norm_eps = gguf_get_val_f32(g, id);
+
+    id = gguf_find_key(g, "tokenizer.ggml.tokens");
+    if (id >= 0 && gguf_get_kv_type(g, id) == GGUF_TYPE_ARRAY && gguf_get_arr_type(g, id) == GGUF_TYPE_STRING) {
+        uint64_t hash = 1469598103934665603ull;
+        for (size_t i = 0; i < gguf_get_arr_n(g, id); ++i) {
+            for (const char * c = gguf_get_arr_str(g, id, i); ; ++c) { // the terminating NUL separates tokens
+                hash = (hash ^ (uint8_t) *c) * 1099511628211ull;
+                if (*c == '\0') break;
+            }
+        }
+        w->tokenizer_hash = hash;
+    }
 }
 
 // every tensor's data must lie inside the file: a cut-off download fails here, not later
@@ -225,7 +238,7 @@ void specee_weights_free(specee_weights * w) {
 specee_weights_info specee_weights_get_info(const specee_weights * w) {
     return specee_weights_info{
         w->arch.c_str(), w->lm_head_tensor.c_str(), ggml_type_name(w->lm_head_type),
-        w->n_layer, w->n_embd, w->n_vocab, w->norm_eps,
+        w->n_layer, w->n_embd, w->n_vocab, w->norm_eps, w->tokenizer_hash,
     };
 }
 

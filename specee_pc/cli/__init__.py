@@ -8,6 +8,8 @@ from .. import __version__
 
 SUBCOMMANDS = {
     "run": ("specee_pc.cli.run", "chat with a GGUF model, or answer one prompt (-p)"),
+    "calibrate": ("specee_pc.cli.calibrate", "make SpecEE predictors for a model (needs torch)"),
+    "convert": ("specee_pc.cli.convert", "PyTorch predictor weights to a predictor GGUF; --inspect one"),
 }
 
 

@@ -43,8 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty (default: 1.0, off)")
     p.add_argument("--seed", type=int, default=-1, help="sampling seed, -1 for random (default: -1)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
-    exits = p.add_argument_group("early exit (off unless --predictor or --force-exit-layers is given)")
-    exits.add_argument("--predictor", metavar="FILE.gguf", help="predictor file made for this model")
+    exits = p.add_argument_group("early exit")
+    exits.add_argument("--predictor", metavar="FILE.gguf", default="auto",
+                       help="predictor file made for this model (default: the one shipped with specee-pc for it, "
+                            "if any)")
+    exits.add_argument("--no-exit", action="store_true", help="decode with the full model only")
     exits.add_argument("--draft", metavar="MODEL.gguf",
                        help="draft model sharing the target's vocabulary: its top-k are the candidates "
                             "(default: prompt lookup over the context)")
@@ -148,8 +151,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         llm = Llama(model, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                     offload_first_layers=args.offload_first,
                     seed=args.seed if args.seed >= 0 else 0xFFFFFFFF, verbose=args.verbose,
-                    predictor=args.predictor, drafter=args.draft or "ngram", exit_rule=args.exit_rule, exit_threshold=args.threshold,
-                    kv_policy=args.kv_policy, force_exit_layers=args.force_exit_layers)
+                    predictor=None if args.no_exit else args.predictor, drafter=args.draft or "ngram",
+                    exit_rule=args.exit_rule, exit_threshold=args.threshold,
+                    kv_policy=args.kv_policy, force_exit_layers=[] if args.no_exit else args.force_exit_layers)
         if args.prompt is None:
             return chat(llm, args)
         messages = ([{"role": "system", "content": args.system}] if args.system else [])

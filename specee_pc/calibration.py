@@ -1,0 +1,142 @@
+"""Calibration data: what the predictors learn from, recorded while the full model decodes.
+
+For every decode step (never the prompt) and every layer l: the candidates' logits at l
+(LM-head rows of the drafter's k candidates on the final-normed hidden state) and the label
+"the full LM head's argmax at l is the token the full model emits". Features that depend on the
+schedule (softmax, change since the previous checked layer) are derived from the logits at
+training time. Each prompt's records go to their own .npz shard as soon as it is done, so an
+interrupted collection resumes where it stopped.
+"""
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterable, List, Sequence
+
+import llama_cpp
+import numpy as np
+
+from .drafters import Drafter
+
+
+@dataclass
+class Prompt:
+    name: str   # "<set>-<question_id>", unique: the shard's file name
+    text: str
+
+
+def load_prompts(paths: Iterable[str]) -> List[Prompt]:
+    """Prompts from .jsonl files (one {"question_id", "turns": [...]} per line, the first turn
+    is used) or folders holding <set>/question.jsonl."""
+    prompts = []
+    for path in paths:
+        if os.path.isdir(path):
+            files = sorted(os.path.join(path, d, "question.jsonl") for d in os.listdir(path)
+                           if os.path.isfile(os.path.join(path, d, "question.jsonl")))
+            if not files:
+                raise ValueError(f"{path}: no <set>/question.jsonl files in this folder")
+        elif os.path.isfile(path):
+            files = [path]
+        else:
+            raise ValueError(f"{path}: no such prompt file or folder")
+        for file in files:
+            set_name = os.path.basename(os.path.dirname(file)) or "prompts"
+            with open(file, encoding="utf-8") as f:
+                for i, line in enumerate(f):
+                    if line.strip():
+                        row = json.loads(line)
+                        prompts.append(Prompt(f"{set_name}-{row.get('question_id', i)}", row["turns"][0]))
+    return prompts
+
+
+def split_held_out(prompts: Sequence[Prompt], per_set: int):
+    """The first `per_set` prompts of each set are held out (benchmarks use the first ones)."""
+    seen, train, held = {}, [], []
+    for p in prompts:
+        set_name = p.name.rsplit("-", 1)[0]
+        seen[set_name] = seen.get(set_name, 0) + 1
+        (held if seen[set_name] <= per_set else train).append(p)
+    return train, held
+
+
+@dataclass
+class Records:
+    """Decode steps of some prompts, stacked: T steps, L layers, k candidates."""
+
+    cand_logits: np.ndarray   # [T, L, k] float32
+    label: np.ndarray         # [T, L] bool: layer argmax == emitted token
+    top1_in_cands: np.ndarray  # [T, L] bool: layer argmax is a candidate (verify rule can exit)
+    cand_hit: np.ndarray      # [T] bool: emitted token is a candidate
+
+    @staticmethod
+    def concat(parts: Sequence["Records"]) -> "Records":
+        return Records(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                         ("cand_logits", "label", "top1_in_cands", "cand_hit")))
+
+
+def chat_tokens(llm, text: str) -> List[int]:
+    """The prompt as the chat template formats a single user turn."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        return llm.tokenize(text.encode("utf-8"))
+    formatter = Jinja2ChatFormatter(template=template, eos_token=llm._model.token_get_text(llm.token_eos()),
+                                    bos_token=llm._model.token_get_text(llm.token_bos()))
+    return llm.tokenize(formatter(messages=[{"role": "user", "content": text}]).prompt.encode("utf-8"),
+                        add_bos=False, special=True)
+
+
+def record_prompt(llm, drafter: Drafter, prompt_tokens: Sequence[int], n_new: int, k: int) -> Records:
+    """Greedy decode of up to n_new tokens with the full model, recording every decode step."""
+    w = llm.weights
+    n_layer = w.n_layer
+    norm = w.output_norm()
+    llm.capture_layers(range(n_layer))
+    context = list(prompt_tokens)
+    rows = {"cand_logits": [], "label": [], "top1_in_cands": [], "cand_hit": []}
+    candidates = None
+    for i, token in enumerate(llm.generate(prompt_tokens, temp=0.0)):
+        if candidates is not None:  # this step decoded context[-1] and emitted `token`
+            hidden = np.stack([llm.hidden_state(il) for il in range(n_layer)])
+            z = hidden / np.sqrt(np.mean(hidden.astype(np.float64) ** 2, axis=1, keepdims=True) + w.norm_eps) * norm
+            z = z.astype(np.float32)
+            top1 = np.array([int(np.argmax(w.lm_head_logits(z[il], 2))) for il in range(n_layer)])
+            rows["cand_logits"].append(z @ w.lm_head_rows(candidates).T)
+            rows["label"].append(top1 == token)
+            rows["top1_in_cands"].append(np.isin(top1, candidates))
+            rows["cand_hit"].append(token in candidates)
+        if i == n_new or llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+            break
+        context.append(token)
+        candidates = drafter.propose(context, k)
+        if len(candidates) < k:
+            candidates = None  # the engine does not arm a step without k candidates either
+    llm.capture_layers([])
+    if not rows["label"]:
+        return Records(np.zeros((0, n_layer, k), np.float32), np.zeros((0, n_layer), bool),
+                       np.zeros((0, n_layer), bool), np.zeros(0, bool))
+    return Records(np.stack(rows["cand_logits"]).astype(np.float32), np.stack(rows["label"]),
+                   np.stack(rows["top1_in_cands"]), np.array(rows["cand_hit"]))
+
+
+def shard_path(work_dir: str, prompt: Prompt) -> str:
+    return os.path.join(work_dir, f"{prompt.name}.npz")
+
+
+def collect(llm, drafter: Drafter, prompts: Sequence[Prompt], work_dir: str, n_new: int, k: int,
+            description: str = "collecting") -> Records:
+    """Record every prompt not already in work_dir, then return all their records."""
+    from tqdm import tqdm
+
+    os.makedirs(work_dir, exist_ok=True)
+    todo = [p for p in prompts if not os.path.exists(shard_path(work_dir, p))]
+    for prompt in tqdm(todo, desc=description, unit="prompt", initial=len(prompts) - len(todo), total=len(prompts)):
+        records = record_prompt(llm, drafter, chat_tokens(llm, prompt.text), n_new, k)
+        tmp = shard_path(work_dir, prompt) + ".part.npz"
+        np.savez(tmp, **records.__dict__)
+        os.replace(tmp, shard_path(work_dir, prompt))  # a shard exists only when complete
+    parts = []
+    for prompt in prompts:
+        with np.load(shard_path(work_dir, prompt)) as f:
+            parts.append(Records(**{name: f[name] for name in f.files}))
+    return Records.concat(parts)

@@ -1,0 +1,123 @@
+"""`specee-pc calibrate`: make SpecEE predictors for a GGUF model on this machine.
+
+Decodes prompts greedily with the full model, records the predictor features of the drafter's
+candidates and the labels at every layer, trains one MLP per layer, picks the offline layers
+where exits concentrate, reports precision/recall on held-out prompts and writes the predictor
+file. Collection is saved per prompt and resumes after an interruption.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+import numpy as np
+
+from ..errors import SpeceeError
+from ..predictor_file import PredictorFile, model_fingerprint, write_predictor_file
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specee-pc calibrate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL.gguf")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help="prompt .jsonl files ({'turns': [...]} per line) or folders of <set>/question.jsonl")
+    p.add_argument("-o", "--output", help="predictor file to write (default: MODEL.specee.gguf)")
+    p.add_argument("--draft", metavar="DRAFT.gguf", help="draft model for candidates (default: prompt lookup)")
+    p.add_argument("--prompts", type=int, default=160, help="training prompts to decode (default: 160)")
+    p.add_argument("--held-out-per-set", type=int, default=20,
+                   help="first prompts of each set kept out of training (default: 20)")
+    p.add_argument("--eval-prompts", type=int, default=24, help="held-out prompts to evaluate on (default: 24)")
+    p.add_argument("-n", "--tokens", type=int, default=64, help="tokens decoded per prompt (default: 64)")
+    p.add_argument("-k", type=int, default=4, help="candidates per step (default: 4)")
+    p.add_argument("--offline-layers", type=int, default=8, help="how many offline layers to pick (default: 8)")
+    p.add_argument("--threshold", type=float, default=0.5, help="exit threshold stored in the file (default: 0.5)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--hidden", type=int, default=512, help="MLP hidden size (default: 512)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all usable)")
+    p.add_argument("--work-dir", help="where collected records go (default: OUTPUT.calib/)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def report(metrics, simulated, offline) -> str:
+    lines = ["layer  positives  precision  recall" + "   (held-out prompts, threshold of the file)"]
+    for m in metrics:
+        mark = " *" if m.layer in offline else ""
+        lines.append(f"{m.layer:5d}  {m.positives:9.2f}  {m.precision:9.2f}  {m.recall:6.2f}{mark}")
+    lines.append("* offline layer")
+    lines.append("threshold  exit ratio  tokens agreeing  mean layers   (offline layers only, verify rule, held-out)")
+    for threshold, (ratio, agree, layers) in simulated:
+        lines.append(f"{threshold:9.2f}  {ratio:10.2f}  {agree:15.3f}  {layers:11.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        print("specee-pc: error: calibrate trains with torch: pip install 'specee-pc[train]' "
+              "(or pip install torch==2.13.0)", file=sys.stderr)
+        return 1
+    from ..calibration import collect, load_prompts, split_held_out
+    from ..drafters import DraftModelDrafter, NgramDrafter
+    from ..llama import Llama
+    from ..training import choose_offline_layers, evaluate, simulate_schedule, train_all
+
+    output = args.output or os.path.splitext(args.model)[0] + ".specee.gguf"
+    work_dir = args.work_dir or output + ".calib"
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    try:
+        prompts = load_prompts(args.data)
+        train_prompts, held_out = split_held_out(prompts, args.held_out_per_set)
+        if not train_prompts or not held_out:
+            raise SpeceeError(f"need prompts both for training and held out; got {len(train_prompts)} and "
+                              f"{len(held_out)} (lower --held-out-per-set or add prompts)")
+        rng = np.random.default_rng(args.seed)
+        train_prompts = [train_prompts[i] for i in sorted(rng.permutation(len(train_prompts))[:args.prompts])]
+        held_out = [held_out[i] for i in sorted(rng.permutation(len(held_out))[:args.eval_prompts])]
+        llm = Llama(args.model, n_ctx=2048, n_threads=threads, verbose=False)
+        drafter = (DraftModelDrafter(args.draft, target_vocab=llm.weights.n_vocab, n_threads=threads)
+                   if args.draft else NgramDrafter())
+        start = time.perf_counter()
+        train = collect(llm, drafter, train_prompts, os.path.join(work_dir, "train"), args.tokens, args.k,
+                        "collecting (train)")
+        evaluation = collect(llm, drafter, held_out, os.path.join(work_dir, "held-out"), args.tokens, args.k,
+                             "collecting (held-out)")
+        collected = time.perf_counter() - start
+        n_layer = llm.weights.n_layer
+        offline = choose_offline_layers(train, args.offline_layers)
+        predictors = train_all(train, range(n_layer - 1), offline, hidden=args.hidden, epochs=args.epochs,
+                               lr=args.lr, batch=args.batch, seed=args.seed)
+        metrics = evaluate(predictors, evaluation, offline, args.threshold)
+        simulated = [(t, simulate_schedule(predictors, evaluation, offline, t)) for t in THRESHOLDS]
+        w = llm.weights
+        write_predictor_file(output, PredictorFile(
+            w.arch, w.n_layer, w.n_embd, w.n_vocab, args.k, args.threshold, offline, [-2, 0, 2], predictors,
+            model_name=os.path.basename(args.model), model_fingerprint=model_fingerprint(w),
+            drafter=os.path.basename(args.draft) if args.draft else "ngram"))
+    except (SpeceeError, ValueError) as e:
+        print(f"specee-pc: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nspecee-pc: interrupted; collected prompts are kept in {work_dir} and reused next time",
+              file=sys.stderr)
+        return 130
+    print(report(metrics, simulated, offline))
+    with open(output + ".report.json", "w") as f:
+        json.dump({"train_steps": int(len(train.label)), "held_out_steps": int(len(evaluation.label)),
+                   "candidate_hit_rate": float(evaluation.cand_hit.mean()), "offline_layers": offline,
+                   "collection_seconds": round(collected, 1), "layers": [m.__dict__ for m in metrics],
+                   "thresholds": [{"threshold": t, "exit_ratio": r, "agreement": a, "mean_layers": l}
+                                  for t, (r, a, l) in simulated]}, f, indent=1)
+    print(f"wrote {output} ({len(train.label)} training steps, offline layers {offline}; "
+          f"candidate hit rate on held-out steps {evaluation.cand_hit.mean():.2f})")
+    return 0
