@@ -66,11 +66,12 @@ class Records:
     label: np.ndarray         # [T, L] bool: layer argmax == emitted token
     top1_in_cands: np.ndarray  # [T, L] bool: layer argmax is a candidate (verify rule can exit)
     cand_hit: np.ndarray      # [T] bool: emitted token is a candidate
+    final_index: np.ndarray   # [T] int: its index among the candidates, -1 if none
 
     @staticmethod
     def concat(parts: Sequence["Records"]) -> "Records":
         return Records(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                         ("cand_logits", "label", "top1_in_cands", "cand_hit")))
+                         ("cand_logits", "label", "top1_in_cands", "cand_hit", "final_index")))
 
 
 def chat_tokens(llm, text: str) -> List[int]:
@@ -93,7 +94,7 @@ def record_prompt(llm, drafter: Drafter, prompt_tokens: Sequence[int], n_new: in
     norm = w.output_norm()
     llm.capture_layers(range(n_layer))
     context = list(prompt_tokens)
-    rows = {"cand_logits": [], "label": [], "top1_in_cands": [], "cand_hit": []}
+    rows = {"cand_logits": [], "label": [], "top1_in_cands": [], "cand_hit": [], "final_index": []}
     candidates = None
     for i, token in enumerate(llm.generate(prompt_tokens, temp=0.0)):
         if candidates is not None:  # this step decoded context[-1] and emitted `token`
@@ -105,6 +106,7 @@ def record_prompt(llm, drafter: Drafter, prompt_tokens: Sequence[int], n_new: in
             rows["label"].append(top1 == token)
             rows["top1_in_cands"].append(np.isin(top1, candidates))
             rows["cand_hit"].append(token in candidates)
+            rows["final_index"].append(candidates.index(token) if token in candidates else -1)
         if i == n_new or llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
             break
         context.append(token)
@@ -114,9 +116,9 @@ def record_prompt(llm, drafter: Drafter, prompt_tokens: Sequence[int], n_new: in
     llm.capture_layers([])
     if not rows["label"]:
         return Records(np.zeros((0, n_layer, k), np.float32), np.zeros((0, n_layer), bool),
-                       np.zeros((0, n_layer), bool), np.zeros(0, bool))
+                       np.zeros((0, n_layer), bool), np.zeros(0, bool), np.zeros(0, int))
     return Records(np.stack(rows["cand_logits"]).astype(np.float32), np.stack(rows["label"]),
-                   np.stack(rows["top1_in_cands"]), np.array(rows["cand_hit"]))
+                   np.stack(rows["top1_in_cands"]), np.array(rows["cand_hit"]), np.array(rows["final_index"]))
 
 
 def shard_path(work_dir: str, prompt: Prompt) -> str:
@@ -135,8 +137,14 @@ def collect(llm, drafter: Drafter, prompts: Sequence[Prompt], work_dir: str, n_n
         tmp = shard_path(work_dir, prompt) + ".part.npz"
         np.savez(tmp, **records.__dict__)
         os.replace(tmp, shard_path(work_dir, prompt))  # a shard exists only when complete
+    return load_records(shard_path(work_dir, p) for p in prompts)
+
+
+def load_records(paths: Iterable[str]) -> Records:
     parts = []
-    for prompt in prompts:
-        with np.load(shard_path(work_dir, prompt)) as f:
+    for path in paths:
+        with np.load(path) as f:
+            if set(f.files) != set(Records.__dataclass_fields__):
+                raise ValueError(f"{path}: records from another specee-pc version; delete the folder to collect again")
             parts.append(Records(**{name: f[name] for name in f.files}))
     return Records.concat(parts)

@@ -46,6 +46,15 @@ def oracle_exit_layers(records: Records) -> np.ndarray:
     return np.argmax(exitable, axis=1) if len(records.label) else np.zeros(0, int) + n_layer - 1
 
 
+def settled_rates(records: Records):
+    """Per layer, the share of steps where the layer already gives the emitted token: by the full
+    vocabulary's argmax, and by the best of the candidates (the token must be a candidate)."""
+    full_vocab = records.label.mean(axis=0)
+    best = np.argmax(records.cand_logits, axis=2)                  # [T, L]
+    restricted = (best == records.final_index[:, None]) & (records.final_index[:, None] >= 0)
+    return full_vocab, restricted.mean(axis=0)
+
+
 def choose_offline_layers(records: Records, count: int) -> List[int]:
     """The `count` layers (in [0, n_layer-2]) where oracle exits happen most often."""
     n_layer = records.label.shape[1]
@@ -114,16 +123,24 @@ def evaluate(predictors: Dict[int, LayerPredictor], records: Records, offline: S
     return metrics
 
 
-def simulate_schedule(predictors: Dict[int, LayerPredictor], records: Records, offline: Sequence[int],
-                      threshold: float):
-    """Exits the verify rule would take over the offline layers only (no online set): returns
-    (exit ratio, agreement of exit tokens with the full model, mean layers computed)."""
-    n_steps, n_layer = records.label.shape
-    exit_layer = np.full(n_steps, -1)
+def predicted_exit_layers(predictors: Dict[int, LayerPredictor], records: Records, offline: Sequence[int],
+                          threshold: float) -> np.ndarray:
+    """Per step, where the verify rule would exit over the offline layers only (no online
+    set); -1 where it would not."""
+    exit_layer = np.full(len(records.label), -1)
     for layer in sorted(offline):
         x = features(records, layer, previous_checked_layer(layer, offline))
         fire = (scores(predictors[layer], x) > threshold) & records.top1_in_cands[:, layer] & (exit_layer < 0)
         exit_layer[fire] = layer
+    return exit_layer
+
+
+def simulate_schedule(predictors: Dict[int, LayerPredictor], records: Records, offline: Sequence[int],
+                      threshold: float):
+    """(exit ratio, agreement of emitted tokens with the full model, mean layers computed) of
+    predicted_exit_layers."""
+    n_steps, n_layer = records.label.shape
+    exit_layer = predicted_exit_layers(predictors, records, offline, threshold)
     exited = exit_layer >= 0
     correct = records.label[np.arange(n_steps), np.where(exited, exit_layer, n_layer - 1)]
     layers_used = np.where(exited, exit_layer + 1, n_layer)
