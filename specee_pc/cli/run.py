@@ -113,6 +113,7 @@ def stream_answer(llm: Llama, messages: List[dict], args) -> str:
         finally:
             stream.close()
         sys.stdout.write("\n")
+        sys.stdout.flush()  # the answer ends before the summary line on stderr
         note = " [interrupted]" if interrupt.stopped else ""
     if llm.last_stats is not None:
         exits = f"; {llm.exit_stats.summary()}" if llm.exit_stats is not None else ""
