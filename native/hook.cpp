@@ -36,7 +36,9 @@ struct specee_hook {
     std::vector<uint8_t> hole_layers;         // [n_layer] some hole exited after this layer
     int32_t              step_pos  = -1;
     int64_t              step_cell = -1;      // KV cell of this step's (single) token
-    ggml_tensor *        kq_mask   = nullptr; // this step's mask input
+    int32_t              next_layer = 0;      // layer whose nodes the scheduler is asking about
+    const ggml_tensor *  hidden_in  = nullptr; // mask tensor last written, and the layer it is
+    int32_t              hidden_below = 0;     // complete for (holes of exit layer < this)
 };
 
 namespace {
@@ -55,31 +57,16 @@ bool is_mask_consumer(const ggml_tensor * t) {
     return (t->op == GGML_OP_SOFT_MAX && t->src[1]) || (t->op == GGML_OP_FLASH_ATTN_EXT && t->src[3]);
 }
 
-// Graph inputs are set before compute, so the ask phase can read them: the K-cache stores
-// (SET_ROWS) index cells with attn_inp_k_idxs (stream * kv_size + cell); every attention reads
-// the KQ mask input that all layers share (taken afresh per layer: each ubatch has its graph).
-void note_kv_inputs(specee_hook * h, ggml_tensor * t) {
-    if (t->op == GGML_OP_SET_ROWS) {
-        const ggml_tensor * idxs = t->src[1];
-        if (h->step_cell < 0 && idxs->type == GGML_TYPE_I64 && strncmp(idxs->name, "attn_inp_k_idxs", 15) == 0) {
-            ggml_backend_tensor_get(idxs, &h->step_cell, (size_t) (ggml_nelements(idxs) - 1) * sizeof(int64_t), sizeof(int64_t));
-        }
-    } else if (is_mask_consumer(t)) {
-        h->kq_mask = t->op == GGML_OP_SOFT_MAX ? t->src[1] : t->src[3];
-    }
-}
-
-// -inf for every query row at the cells of holes that exited after layer il
-void hide_holes(specee_hook * h, int32_t il) {
-    ggml_tensor * m = h->kq_mask;
-    if (!m || (m->type != GGML_TYPE_F32 && m->type != GGML_TYPE_F16)) return;
+// -inf for every query row of mask m at the cells of holes whose exit layer is in [from, to)
+void write_holes(specee_hook * h, ggml_tensor * m, int32_t from, int32_t to) {
+    if (m->type != GGML_TYPE_F32 && m->type != GGML_TYPE_F16) return;
     const uint16_t f16_neg_inf = 0xFC00;
     const float    f32_neg_inf = -INFINITY;
     const void *   value = m->type == GGML_TYPE_F32 ? (const void *) &f32_neg_inf : (const void *) &f16_neg_inf;
     const size_t   size  = ggml_type_size(m->type);
     const bool     host  = ggml_backend_buffer_is_host(m->buffer);
     for (const auto & hole : h->holes) {
-        if (hole.layer != il || hole.cell < 0 || hole.cell >= m->ne[0]) continue;
+        if (hole.layer < from || hole.layer >= to || hole.cell < 0 || hole.cell >= m->ne[0]) continue;
         for (int64_t row = 0; row < m->ne[1]; ++row) {
             const size_t offset = (size_t) row * m->nb[1] + (size_t) hole.cell * m->nb[0];
             if (host) {
@@ -88,6 +75,26 @@ void hide_holes(specee_hook * h, int32_t il) {
                 ggml_backend_tensor_set(m, value, offset, size);
             }
         }
+    }
+}
+
+// Graph inputs are set before compute, so the ask phase can read them. The K-cache stores
+// (SET_ROWS) index cells with attn_inp_k_idxs (stream * kv_size + cell). Each attention reads
+// the KQ mask; when layer j's is asked about, layers < j are computed (the hook asks for a
+// stop after each hole's exit layer), so the holes of exit layer < j can be hidden in the very
+// tensor that attention reads: with several graph splits each has its own copy of the mask.
+void note_kv_inputs(specee_hook * h, ggml_tensor * t) {
+    if (t->op == GGML_OP_SET_ROWS) {
+        const ggml_tensor * idxs = t->src[1];
+        if (h->step_cell < 0 && idxs->type == GGML_TYPE_I64 && strcmp(idxs->name, "attn_inp_k_idxs") == 0) {
+            ggml_backend_tensor_get(idxs, &h->step_cell, (size_t) (ggml_nelements(idxs) - 1) * sizeof(int64_t), sizeof(int64_t));
+        }
+    } else if (is_mask_consumer(t) && !h->holes.empty()) {
+        ggml_tensor * m = t->op == GGML_OP_SOFT_MAX ? t->src[1] : t->src[3];
+        const int32_t from = m == h->hidden_in ? h->hidden_below : 0;
+        write_holes(h, m, from, h->next_layer);
+        h->hidden_in    = m;
+        h->hidden_below = std::max(from, h->next_layer);
     }
 }
 
@@ -128,10 +135,11 @@ bool specee_hook_eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     const bool hides   = h->masking && h->hole_layers[il];
     if (ask) {
         h->seen[il] = 1;
+        // the next nodes belong to layer il + 1; after the last layer, a next graph (ubatch) starts
+        h->next_layer = il + 1 < h->n_layer ? il + 1 : 0;
+        if (il + 1 == h->n_layer) h->hidden_in = nullptr;
         return h->capture[il] || decides || hides;
     }
-    // layers <= il are done with the mask: from here on, holes of exit layer il are hidden
-    if (hides) hide_holes(h, il);
     if (t->type != GGML_TYPE_F32 || t->ne[0] != h->n_embd) return true;
     // the last column is the last token of the ubatch (the last layer keeps only output rows)
     float * hidden = h->hidden.data() + (size_t) il * h->n_embd;
@@ -162,13 +170,15 @@ void specee_hook_begin_step(specee_hook * h, int32_t pos) {
     h->cut       = false;
     h->step_pos  = pos;
     h->step_cell = -1;
-    h->kq_mask   = nullptr;
+    h->next_layer = 0;
+    h->hidden_in  = nullptr;
     if (h->exit) specee_exit_begin_step(h->exit);
 }
 
 void specee_hook_set_exit(specee_hook * h, specee_exit * e, bool armed) {
     h->exit  = e;
     h->armed = e != nullptr && armed;
+    if (!h->armed) h->cut = false; // a cut belongs to its step: decodes the engine does not run must not inherit it
 }
 
 bool specee_hook_get_hidden(const specee_hook * h, int32_t il, float * out) {

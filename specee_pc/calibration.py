@@ -89,6 +89,8 @@ def chat_tokens(llm, text: str) -> List[int]:
 
 def record_prompt(llm, drafter: Drafter, prompt_tokens: Sequence[int], n_new: int, k: int) -> Records:
     """Greedy decode of up to n_new tokens with the full model, recording every decode step."""
+    if llm.exit_stats is not None:
+        raise ValueError("calibration records the full model: configure_exits() off first")
     w = llm.weights
     n_layer = w.n_layer
     norm = w.output_norm()

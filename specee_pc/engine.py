@@ -32,7 +32,8 @@ class ExitStats:
     first_pass_ms: float = 0.0  # decodes that may stop early
     repair_ms: float = 0.0      # exact policy: full re-runs of exited tokens with their exit token
     candidate_steps: int = 0   # steps whose final token is known and that had candidates
-    candidate_hits: int = 0    # ... whose final token was among the candidates
+    candidate_hits: int = 0    # ... whose emitted token was among the candidates (under "mask",
+                               # an exit's token is one by construction)
     exits_at: List[Tuple[int, int, int]] = field(default_factory=list)  # (position, layer, exit token)
 
     @property
@@ -46,9 +47,10 @@ class ExitStats:
     def summary(self) -> str:
         hit = f", candidate hits {self.candidate_hits / self.candidate_steps:.0%}" if self.candidate_steps else ""
         steps = max(self.steps, 1)
-        return (f"mean layers {self.mean_layers:.1f}/{self.n_layer}, exits {self.exits}/{self.steps}"
-                f" ({self.accepted} confirmed){hit}; ms/step: first pass {self.first_pass_ms / steps:.2f}"
-                f" (predictor {self.predictor_ms / steps:.2f}), repair {self.repair_ms / steps:.2f}")
+        repair = f", repair {self.repair_ms / steps:.2f}" if self.repair_ms else ""
+        confirmed = f" ({self.accepted} confirmed)" if self.repair_ms else ""
+        return (f"mean layers {self.mean_layers:.1f}/{self.n_layer}, exits {self.exits}/{self.steps}{confirmed}{hit};"
+                f" ms/step: first pass {self.first_pass_ms / steps:.2f} (predictor {self.predictor_ms / steps:.2f}){repair}")
 
 
 @dataclass

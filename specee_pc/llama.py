@@ -154,37 +154,42 @@ class Llama(llama_cpp.Llama):
                         drafter: Union[str, Drafter] = "ngram", force_exit_layers: Sequence[int] = (),
                         offline_layers: Optional[Sequence[int]] = None,
                         online_offsets: Optional[Sequence[int]] = None) -> None:
-        """(Re)configure early exit for the next generations; no predictor and no forced layers: off."""
+        """(Re)configure early exit for the next generations; no predictor and no forced layers: off.
+
+        The new configuration is built and checked first: on an error the current one stays."""
+        if predictor == "auto":
+            predictor = shipped_predictor_path(self.weights)
+        engine = None
+        if predictor is not None or force_exit_layers:
+            if kv_policy == "mask" and self._sliding_window_layers():
+                raise ValueError("kv_policy 'mask' does not handle sliding-window attention (two KQ masks, other "
+                                 "cell numbering): use kv_policy 'exact' with this model")
+            if isinstance(predictor, str):
+                path, predictor = predictor, read_predictor_file(predictor)
+                predictor.check_model(self.weights, path, self.model_path)
+            if drafter == "ngram":
+                drafter = NgramDrafter()
+            elif isinstance(drafter, str):
+                if not drafter.endswith(".gguf"):
+                    raise ValueError(f"unknown drafter {drafter!r}: use 'ngram', a draft model .gguf path or a Drafter")
+                drafter = DraftModelDrafter(drafter, target_vocab=self.weights.n_vocab, n_ctx=self._n_ctx,
+                                            n_threads=self.n_threads)
+            # one thread: the exit decision runs inside the eval callback while ggml's own CPU
+            # workers spin-wait, so a second thread of ours only competes with them (measured)
+            engine = ExitEngine(self.weights, self._hook, n_threads=1, drafter=drafter,
+                                predictors=predictor, rule=exit_rule, threshold=exit_threshold,
+                                kv_policy=kv_policy, force_exit_layers=force_exit_layers,
+                                offline_layers=offline_layers, online_offsets=online_offsets)
         if self._hook.n_holes:
             # cached positions with holes are only valid under masking: start from an empty cache
             self._ctx.kv_cache_clear()
             self.n_tokens = 0
-        self._hook.set_masking(False)
-        if predictor is None and not force_exit_layers:
-            self._engine = None
-            self._hook.set_exit(None)
-            return
-        if predictor == "auto":
-            predictor = shipped_predictor_path(self.weights)
-            if predictor is None and not force_exit_layers:
-                return self.configure_exits()
-        if isinstance(predictor, str):
-            path, predictor = predictor, read_predictor_file(predictor)
-            predictor.check_model(self.weights, path, self.model_path)
-        if drafter == "ngram":
-            drafter = NgramDrafter()
-        elif isinstance(drafter, str):
-            if not drafter.endswith(".gguf"):
-                raise ValueError(f"unknown drafter {drafter!r}: use 'ngram', a draft model .gguf path or a Drafter")
-            drafter = DraftModelDrafter(drafter, target_vocab=self.weights.n_vocab, n_ctx=self._n_ctx,
-                                        n_threads=self.n_threads)
-        # one thread: the exit decision runs inside the eval callback while ggml's own CPU
-        # workers spin-wait, so a second thread of ours only competes with them (measured)
-        self._engine = ExitEngine(self.weights, self._hook, n_threads=1, drafter=drafter,
-                                  predictors=predictor, rule=exit_rule, threshold=exit_threshold,
-                                  kv_policy=kv_policy, force_exit_layers=force_exit_layers,
-                                  offline_layers=offline_layers, online_offsets=online_offsets)
-        self._hook.set_masking(kv_policy == "mask")
+        self._hook.set_masking(engine is not None and kv_policy == "mask")
+        self._hook.set_exit(engine.controller if engine else None)
+        self._engine = engine
+
+    def _sliding_window_layers(self) -> bool:
+        return any(key.endswith(".attention.sliding_window") for key in self.metadata)
 
     def force_exits(self, layers: Sequence[int]) -> None:
         """Debug: from the next decode step on, exit at the first of these layers that a step
@@ -215,12 +220,24 @@ class Llama(llama_cpp.Llama):
         # hold the n_ctx asked for, llama.cpp's context may be padded beyond it)
         room = min(self._n_ctx, len(self.input_ids)) - self.n_tokens
         self._hook.prune_holes(self.n_tokens)  # eval overwrites positions from n_tokens on
-        if self._engine is None or not self._decoding or len(tokens) != 1 or room < 2:
+        if self._engine is not None and self._decoding and tokens:
+            self._engine.settle(self.input_ids, self.n_tokens, tokens[0])
+        # the 2-token repair batch must fit llama_cpp's batch too
+        if self._engine is None or not self._decoding or len(tokens) != 1 or room < 2 or self.n_batch < 2:
             self._hook.begin_step(self.n_tokens + len(tokens) - 1)
             super().eval(tokens)
             return
-        self._engine.settle(self.input_ids, self.n_tokens, tokens[0])
-        self._eval_with_exit(tokens[0])
+        t = self.n_tokens
+        try:
+            self._eval_with_exit(tokens[0])
+        except BaseException:
+            # an exit step is all or nothing: leave the cache as before it (an interrupt between
+            # the cut and the repair would otherwise leave stale cells and stale logits)
+            self._ctx.kv_cache_seq_rm(-1, t, -1)
+            self._hook.prune_holes(t)
+            self.n_tokens = t
+            self._requires_eval = True
+            raise
 
     def _eval_with_exit(self, token: int) -> None:
         """One decode step that may stop after a scheduled layer."""
@@ -250,6 +267,12 @@ class Llama(llama_cpp.Llama):
         self._hook.begin_step(t + 1)
         self._decode_at(t, [token, step["exit_token"]], all_logits=True)
         stats.repair_ms += (time.perf_counter() - start) * 1e3
+
+    def load_state(self, state) -> None:
+        # a saved state knows nothing of the holes its cache may hold or lack
+        if self._hook.n_holes or (self._engine is not None and self._engine.kv_policy == "mask"):
+            raise ValueError("load_state is not supported with kv_policy 'mask'")
+        super().load_state(state)
 
     def _set_last_logits(self, logits: np.ndarray) -> None:
         """Write logits where llama.cpp's (and so llama_cpp's) samplers read the last token's."""

@@ -171,3 +171,53 @@ def test_draft_model_with_another_vocabulary_is_rejected(model_path, tmp_path):
     llm = specee_pc.Llama(model_path, n_ctx=256, n_threads=N_THREADS, verbose=False)
     with pytest.raises(ValueError, match="vocabulary of 100 tokens, the target 49152"):
         llm.configure_exits(predictor=constant_predictors(llm.weights, [20]), drafter=path)
+
+
+def test_interrupted_exit_step_leaves_a_consistent_cache(model_path, reference):
+    llm = specee_pc.Llama(model_path, n_ctx=512, n_threads=N_THREADS, verbose=False, force_exit_layers=[20])
+    decode_at, calls = llm._decode_at, []
+
+    def interrupted_after_the_cut(n_past, tokens, all_logits):
+        decode_at(n_past, tokens, all_logits)
+        calls.append(len(tokens))
+        if len(calls) == 3:  # the first pass of a decode step: cut, not yet repaired
+            raise KeyboardInterrupt
+
+    llm._decode_at = interrupted_after_the_cut
+    with pytest.raises(KeyboardInterrupt):
+        llm.create_completion(PROMPT, max_tokens=10, temperature=0.0)
+    llm._decode_at = decode_at
+    follow_up = PROMPT + " It"  # reuses the cached prefix
+    assert llm.create_completion(follow_up, max_tokens=16, temperature=0.0)["choices"][0]["text"] == \
+        reference.create_completion(follow_up, max_tokens=16, temperature=0.0)["choices"][0]["text"]
+
+
+def test_a_cut_does_not_outlive_its_step(model_path):
+    llm = specee_pc.Llama(model_path, n_ctx=256, n_threads=N_THREADS, verbose=False, logits_all=True,
+                          kv_policy="mask", force_exit_layers=[10])
+    llm.create_completion(PROMPT, max_tokens=4, temperature=0.0)
+    assert llm.exit_stats.exits == 3
+    # a decode outside the engine (embeddings, multimodal chunks) runs the whole graph
+    llm.capture_layers([29])
+    llm._batch.set_batch(batch=[llm.token_bos()], n_past=llm.n_tokens, logits_all=False)
+    llm._ctx.decode(llm._batch)
+    assert llm.hidden_state(29).shape == (576,)  # no cut: the last layer ran
+
+
+def test_single_token_batches_never_exit(model_path, reference):
+    llm = specee_pc.Llama(model_path, n_ctx=256, n_batch=1, n_threads=N_THREADS, verbose=False,
+                          force_exit_layers=[20])
+    out = llm.create_completion(PROMPT, max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    assert out == reference.create_completion(PROMPT, max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    assert llm.exit_stats.exits == 0
+
+
+def test_a_rejected_configuration_keeps_the_current_one(model_path):
+    llm = specee_pc.Llama(model_path, n_ctx=256, n_threads=N_THREADS, verbose=False,
+                          kv_policy="mask", force_exit_layers=[10])
+    llm.create_completion(PROMPT, max_tokens=4, temperature=0.0)
+    with pytest.raises(ValueError):
+        llm.configure_exits(force_exit_layers=[10], kv_policy="stale")
+    assert llm._hook.n_holes == 3 and llm.exit_stats is not None
+    with pytest.raises(ValueError, match="kv_policy 'mask'"):
+        llm.load_state(llm.save_state())
