@@ -101,7 +101,7 @@ class ExitEngine:
         self.controller.set_forced(self.forced)
 
     def reset_stats(self) -> None:
-        self.stats = ExitStats(self.stats.n_layer)
+        self.stats = ExitStats(self.n_layer)
         self._open = None
 
     def settle(self, input_ids, n_tokens: int, next_token: int) -> None:

@@ -243,7 +243,8 @@ class Llama(llama_cpp.Llama):
         """One decode step that may stop after a scheduled layer."""
         t = self.n_tokens
         self._ctx.kv_cache_seq_rm(-1, t, -1)
-        self._engine.arm(np.append(self.input_ids[:t], token))
+        self.input_ids[t] = token  # the drafter sees the context as a view, no per-step copy
+        self._engine.arm(self.input_ids[:t + 1])
         self._hook.begin_step(t)
         start = time.perf_counter()
         try:

@@ -78,6 +78,18 @@ class PredictorFile:
             raise ModelFileError(f"{predictor_path}: feature layout {self.features!r}; this version computes {FEATURES!r}")
 
 
+def constant_predictors(weights, layers, score_logit: float, k: int = 4, hidden: int = 8,
+                        threshold: float = 0.5) -> PredictorFile:
+    """Predictors scoring sigmoid(score_logit) whatever the features: they exercise and time the
+    exit mechanics (candidates, verification, cut, repair) without trained weights."""
+    def flat():
+        return LayerPredictor(np.zeros((hidden, 3 * k), np.float32), np.zeros(hidden, np.float32),
+                              np.zeros(hidden, np.float32), float(score_logit))
+
+    return PredictorFile(weights.arch, weights.n_layer, weights.n_embd, weights.n_vocab, k, threshold,
+                         list(layers), layers={il: flat() for il in layers})
+
+
 def write_predictor_file(path: str, predictors: PredictorFile) -> None:
     """Write atomically: a failure leaves no partial file at `path`."""
     import gguf

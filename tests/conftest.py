@@ -3,6 +3,7 @@ import llama_cpp
 import pytest
 
 import specee_pc
+from specee_pc import predictor_file
 
 N_THREADS = 2
 N_CTX = 1024
@@ -28,14 +29,7 @@ def reference(model_path) -> llama_cpp.Llama:
     model.close()
 
 
-def constant_predictors(weights, layers, k=4, score_logit=10.0, threshold=0.5, hidden=8):
-    """Predictors scoring sigmoid(score_logit) whatever the features: they exercise the exit
-    mechanics (candidates, verification, cut, repair) without trained weights."""
-    from specee_pc.predictor_file import LayerPredictor, PredictorFile
 
-    import numpy as np
-
-    flat = LayerPredictor(np.zeros((hidden, 3 * k), np.float32), np.zeros(hidden, np.float32),
-                          np.zeros(hidden, np.float32), float(score_logit))
-    return PredictorFile(weights.arch, weights.n_layer, weights.n_embd, weights.n_vocab, k, threshold,
-                         list(layers), layers={il: flat for il in layers})
+def constant_predictors(weights, layers, score_logit=10.0, **options):
+    """Predictors that always fire unless score_logit is negative (see predictor_file)."""
+    return predictor_file.constant_predictors(weights, layers, score_logit, **options)

@@ -2,26 +2,14 @@
 import numpy as np
 import pytest
 from conftest import N_THREADS, constant_predictors
-from llama_cpp.llama_speculative import LlamaDraftModel
 
 import llama_cpp
 import specee_pc
+from specee_pc.replay import ReplayExits
 
 PROMPT = "Write a detailed essay about the history of the Roman Empire."
 # repeats itself, so that prompt lookup finds candidates
 REPETITIVE = "Count: one two three four five six seven eight nine ten. Again: one two three four five six seven eight nine ten. Again:"
-
-
-class ReplayExits(LlamaDraftModel):
-    """Drafts, at each position where the engine exited, the engine's exit token: llama_cpp's
-    own speculative decoding then runs the very batches that the exact policy ran."""
-
-    def __init__(self, exits_at):
-        self.by_position = {position: token for position, _, token in exits_at}
-
-    def __call__(self, input_ids, **kwargs):
-        position = len(input_ids) - 1
-        return np.array([self.by_position[position]] if position in self.by_position else [], dtype=np.intc)
 
 
 def greedy(model, prompt, n):

@@ -18,10 +18,9 @@ import statistics
 import time
 
 import llama_cpp
-import numpy as np
 
 import specee_pc
-from specee_pc.predictor_file import LayerPredictor, PredictorFile
+from specee_pc.predictor_file import constant_predictors
 
 PROMPTS = ["Write a detailed essay about the history of the Roman Empire.",
            "Explain how a compiler turns source code into machine code."]
@@ -36,20 +35,12 @@ def decode_tokens_per_second(llm, prompt: str, n: int) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-def flat_predictors(weights, layers, score_logit, k=4, hidden=512) -> PredictorFile:
-    """Full-size MLPs (12 -> 512 -> 1) whose score is sigmoid(score_logit), whatever the features."""
-    rng = np.random.default_rng(0)
-    mlp = LayerPredictor(rng.normal(size=(hidden, 3 * k)).astype(np.float32) * 0.01, np.zeros(hidden, np.float32),
-                         np.zeros(hidden, np.float32), score_logit)
-    return PredictorFile(weights.arch, weights.n_layer, weights.n_embd, weights.n_vocab, k, 0.5, list(layers),
-                         layers={il: mlp for il in layers})
-
-
 def overhead(path, args):
     common = dict(n_ctx=1024, n_threads=args.threads, verbose=False)
     hooked = specee_pc.Llama(path, **common)
     n_layer = hooked.weights.n_layer
-    predictors = flat_predictors(hooked.weights, range(n_layer // 2, n_layer - 1), score_logit=-20.0)
+    # full-size MLPs (12 -> 512 -> 1) scoring far below any threshold
+    predictors = constant_predictors(hooked.weights, range(n_layer // 2, n_layer - 1), -20.0, hidden=512)
     scored = specee_pc.Llama(path, **common, predictor=predictors)
     models = {"llama_cpp": llama_cpp.Llama(path, **common), "exits off": hooked,
               "threshold 1.5": specee_pc.Llama(path, **common, predictor=predictors, exit_threshold=1.5),
@@ -89,7 +80,7 @@ def policies(path, args):
     if args.predictor:
         predictors, what = args.predictor, f"{args.predictor}, threshold {args.threshold or 'of the file'}"
     else:
-        predictors, what = flat_predictors(weights, args.fire_layers, score_logit=20.0), \
+        predictors, what = constant_predictors(weights, args.fire_layers, 20.0, hidden=512), \
             f"predictors always firing at layers {args.fire_layers}"
     print(f"KV policies, {what} (median of {args.runs} runs)")
     common = dict(n_ctx=1024, n_threads=args.threads, verbose=False)

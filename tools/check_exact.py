@@ -21,39 +21,13 @@ import sys
 import time
 
 import llama_cpp
-import numpy as np
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from llama_cpp.llama_speculative import LlamaDraftModel
 
 import specee_pc
-from specee_pc.predictor_file import LayerPredictor, PredictorFile
+from specee_pc.calibration import chat_tokens
+from specee_pc.predictor_file import constant_predictors
+from specee_pc.replay import ReplayExits
 
 SETS = ["mt_bench", "sum", "qa", "alpaca", "gsm8k", "humaneval"]
-
-
-class ReplayExits(LlamaDraftModel):
-    def __init__(self, exits_at):
-        self.by_position = {position: token for position, _, token in exits_at}
-
-    def __call__(self, input_ids, **kwargs):
-        position = len(input_ids) - 1
-        return np.array([self.by_position[position]] if position in self.by_position else [], dtype=np.intc)
-
-
-def always_exit(weights, layers) -> PredictorFile:
-    flat = LayerPredictor(np.zeros((8, 12), np.float32), np.zeros(8, np.float32), np.zeros(8, np.float32), 10.0)
-    return PredictorFile(weights.arch, weights.n_layer, weights.n_embd, weights.n_vocab, 4, 0.5, list(layers),
-                         layers={il: flat for il in layers})
-
-
-def chat_prompt_tokens(llm, question: str):
-    m = llm.metadata
-    vocab = llm._model
-    formatter = Jinja2ChatFormatter(template=m["tokenizer.chat_template"],
-                                    eos_token=vocab.token_get_text(llm.token_eos()),
-                                    bos_token=vocab.token_get_text(llm.token_bos()))
-    text = formatter(messages=[{"role": "user", "content": question}]).prompt
-    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
 
 def greedy(llm, tokens, n):
@@ -81,7 +55,7 @@ def main() -> int:
     layers = [int(x) for x in args.layers.split(",")]
     common = dict(n_ctx=2048, n_threads=args.threads, verbose=False)
     weights = specee_pc.model_file.open_weights(path)
-    exits = dict(force_exit_layers=layers) if args.force else dict(predictor=always_exit(weights, layers))
+    exits = dict(force_exit_layers=layers) if args.force else dict(predictor=constant_predictors(weights, layers, 10.0))
     engine = specee_pc.Llama(path, logits_all=True, **common, **exits)
     vanilla = llama_cpp.Llama(path, logits_all=True, **common)
 
@@ -90,7 +64,7 @@ def main() -> int:
         with open(os.path.join(args.prompts, name, "question.jsonl")) as f:
             questions = [json.loads(line)["turns"][0] for line in f][:args.per_set]
         for i, question in enumerate(questions):
-            tokens = chat_prompt_tokens(engine, question)
+            tokens = chat_tokens(engine, question)
             start = time.perf_counter()
             ours = greedy(engine, tokens, args.n)
             seconds = time.perf_counter() - start

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 import specee_pc
-from specee_pc.calibration import collect, load_prompts, split_held_out
+from specee_pc.calibration import collect, load_prompts, load_records, split_held_out
 from specee_pc.drafters import NgramDrafter
 from specee_pc.predictor_file import read_predictor_file
 from specee_pc.training import oracle_exit_layers, predicted_exit_layers, settled_rates
@@ -76,7 +76,6 @@ def main() -> int:
     llm = specee_pc.Llama(path, n_ctx=2048, n_threads=args.threads, verbose=False)
     n_layer = llm.weights.n_layer
     if args.records:
-        from specee_pc.calibration import load_records
         records = load_records(os.path.join(args.records, f) for f in sorted(os.listdir(args.records)) if f.endswith(".npz"))
     elif args.prompts:
         _, held = split_held_out(load_prompts([args.prompts]), args.per_set)
