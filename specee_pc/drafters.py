@@ -46,36 +46,45 @@ class NgramDrafter:
         return found
 
 
-class DraftModelDrafter:
-    """Top-k of a smaller GGUF model that shares the target's vocabulary, in its own context.
+def open_draft_model(path: str, *, target_vocab: int, n_ctx: int, n_threads: int, n_gpu_layers: int = 0):
+    """A llama_cpp.Llama on a draft GGUF model, checked to share the target's vocabulary."""
+    import llama_cpp
 
-    Its KV cache follows the target's context by prefix: each call decodes only the tokens it
-    has not seen, after dropping what the target rolled back.
+    from .model_file import open_weights
+
+    weights = open_weights(path)  # one-line errors for missing or broken files
+    if weights.n_vocab != target_vocab:
+        raise ValueError(f"{path}: draft model has a vocabulary of {weights.n_vocab} tokens, "
+                         f"the target {target_vocab}: they must share one")
+    return llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, verbose=False)
+
+
+def sync_draft_context(model, context: Sequence[int]) -> np.ndarray:
+    """Bring a draft model's KV cache to `context` by prefix and return its logits after context[-1].
+
+    Decodes only the tokens it has not seen, after dropping what the target rolled back.
     """
+    seen = model.input_ids[:model.n_tokens]
+    common = 0
+    limit = min(len(seen), len(context) - 1)  # re-decode at least the last token: its logits
+    while common < limit and seen[common] == context[common]:
+        common += 1
+    model.n_tokens = common
+    model.eval(list(context[common:]))  # eval drops cache positions >= n_tokens first
+    return np.ctypeslib.as_array(model._ctx.get_logits_ith(-1), shape=(model.n_vocab(),))
+
+
+class DraftModelDrafter:
+    """Top-k of a smaller GGUF model that shares the target's vocabulary, in its own context
+    that follows the target's by prefix."""
 
     def __init__(self, path: str, *, target_vocab: int, n_ctx: int = 2048, n_threads: int = 2,
                  n_gpu_layers: int = 0):
-        import llama_cpp
-
-        from .model_file import open_weights
-
-        weights = open_weights(path)  # one-line errors for missing or broken files
-        if weights.n_vocab != target_vocab:
-            raise ValueError(f"{path}: draft model has a vocabulary of {weights.n_vocab} tokens, "
-                             f"the target {target_vocab}: they must share one")
-        self.model = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                                     verbose=False)
+        self.model = open_draft_model(path, target_vocab=target_vocab, n_ctx=n_ctx, n_threads=n_threads,
+                                      n_gpu_layers=n_gpu_layers)
 
     def propose(self, context: Sequence[int], k: int) -> List[int]:
-        m = self.model
-        seen = m.input_ids[:m.n_tokens]
-        common = 0
-        limit = min(len(seen), len(context) - 1)  # re-decode at least the last token: its logits
-        while common < limit and seen[common] == context[common]:
-            common += 1
-        m.n_tokens = common
-        m.eval(list(context[common:]))  # eval drops cache positions >= n_tokens first
-        logits = np.ctypeslib.as_array(m._ctx.get_logits_ith(-1), shape=(m.n_vocab(),))
+        logits = sync_draft_context(self.model, context)
         top = np.argpartition(logits, -k)[-k:]
         return [int(t) for t in top[np.argsort(-logits[top])]]
 

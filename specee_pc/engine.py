@@ -101,7 +101,10 @@ class ExitEngine:
         self.controller.set_forced(self.forced)
 
     def reset_stats(self) -> None:
+        """A new generation: fresh statistics, and an online schedule built from its own exits only
+        (so a generation's output does not depend on what was generated before)."""
         self.stats = ExitStats(self.n_layer)
+        self.schedule.reset()
         self._open = None
 
     def settle(self, input_ids, n_tokens: int, next_token: int) -> None:

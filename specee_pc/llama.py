@@ -62,6 +62,7 @@ class Llama(llama_cpp.Llama):
         # our own checks first: llama.cpp would only say "failed to load model"
         self.weights = open_weights(model_path)
         n_gpu_layers = kwargs.get("n_gpu_layers", 0)
+        self._draft_gpu_layers = n_gpu_layers  # a draft model goes where the target's layers go
         # without a GPU there is nothing to place (and overrides to the plain CPU buffer type
         # would only turn llama.cpp's repacked CPU kernels off)
         reverse = (offload_first_layers and 0 < n_gpu_layers < self.weights.n_layer
@@ -80,6 +81,7 @@ class Llama(llama_cpp.Llama):
         self._check_graph_names()
         self.last_stats: Optional[GenerationStats] = None
         self._engine: Optional[ExitEngine] = None
+        self._owned_drafter = None  # a draft model this object loaded (closed with it)
         self._decoding = False  # prompt processing never exits
         self.configure_exits(predictor=predictor, exit_rule=exit_rule, exit_threshold=exit_threshold,
                              kv_policy=kv_policy, drafter=drafter, force_exit_layers=force_exit_layers,
@@ -143,6 +145,9 @@ class Llama(llama_cpp.Llama):
                                  f"tensors l_out-<i> for layers {missing[:8]}: specee-pc cannot hook this model")
 
     def close(self) -> None:
+        if getattr(self, "_owned_drafter", None) is not None:
+            self._owned_drafter.close()
+            self._owned_drafter = None
         # a constructor that failed on a bad file never reached llama_cpp.Llama.__init__
         if hasattr(self, "_stack"):
             super().close()
@@ -159,7 +164,7 @@ class Llama(llama_cpp.Llama):
         The new configuration is built and checked first: on an error the current one stays."""
         if predictor == "auto":
             predictor = shipped_predictor_path(self.weights)
-        engine = None
+        engine, owned = None, None
         if predictor is not None or force_exit_layers:
             if kv_policy == "mask" and self._sliding_window_layers():
                 raise ValueError("kv_policy 'mask' does not handle sliding-window attention (two KQ masks, other "
@@ -172,8 +177,8 @@ class Llama(llama_cpp.Llama):
             elif isinstance(drafter, str):
                 if not drafter.endswith(".gguf"):
                     raise ValueError(f"unknown drafter {drafter!r}: use 'ngram', a draft model .gguf path or a Drafter")
-                drafter = DraftModelDrafter(drafter, target_vocab=self.weights.n_vocab, n_ctx=self._n_ctx,
-                                            n_threads=self.n_threads)
+                drafter = owned = DraftModelDrafter(drafter, target_vocab=self.weights.n_vocab, n_ctx=self._n_ctx,
+                                                    n_threads=self.n_threads, n_gpu_layers=self._draft_gpu_layers)
             # one thread: the exit decision runs inside the eval callback while ggml's own CPU
             # workers spin-wait, so a second thread of ours only competes with them (measured)
             engine = ExitEngine(self.weights, self._hook, n_threads=1, drafter=drafter,
@@ -187,6 +192,9 @@ class Llama(llama_cpp.Llama):
         self._hook.set_masking(engine is not None and kv_policy == "mask")
         self._hook.set_exit(engine.controller if engine else None)
         self._engine = engine
+        if self._owned_drafter is not None:
+            self._owned_drafter.close()
+        self._owned_drafter = owned
 
     def _sliding_window_layers(self) -> bool:
         return any(key.endswith(".attention.sliding_window") for key in self.metadata)
@@ -199,9 +207,20 @@ class Llama(llama_cpp.Llama):
         self._engine.set_forced(layers)
 
     @property
+    def exit_drafter(self) -> Optional[Drafter]:
+        """The drafter proposing the exit candidates (None when early exit is off)."""
+        return self._engine.drafter if self._engine else None
+
+    @property
     def exit_stats(self) -> Optional[ExitStats]:
         """Early exits of the last generation (None when early exit is off)."""
         return self._engine.stats if self._engine else None
+
+    def reset_exit_stats(self) -> None:
+        """Start exit_stats and the online exit schedule afresh (generate() does this itself;
+        decode_step() accumulates)."""
+        if self._engine is not None:
+            self._engine.reset_stats()
 
     # ------------------------------------------------------------------ observation
 
@@ -268,6 +287,24 @@ class Llama(llama_cpp.Llama):
         self._hook.begin_step(t + 1)
         self._decode_at(t, [token, step["exit_token"]], all_logits=True)
         stats.repair_ms += (time.perf_counter() - start) * 1e3
+
+    def decode_step(self, token: int) -> np.ndarray:
+        """Decode one token as a generation step does (so it may exit early) and return the logits a
+        sampler would see for the next token: teacher forcing with early exit, for evaluation.
+
+        The context keeps exactly this token: an exact-policy exit token is dropped again."""
+        t = self.n_tokens
+        self._decoding = True
+        try:
+            self.eval([token])
+        finally:
+            self._decoding = False
+        repaired = self.n_tokens == t + 2  # the exact policy's repair batch: its first row is ours
+        logits = np.ctypeslib.as_array(self._ctx.get_logits_ith(0 if repaired else -1), shape=(self._n_vocab,)).copy()
+        if repaired:
+            self.n_tokens = t + 1
+            self._requires_eval = True  # llama.cpp's last logits follow the dropped exit token
+        return logits
 
     def load_state(self, state) -> None:
         # a saved state knows nothing of the holes its cache may hold or lack

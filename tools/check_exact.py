@@ -12,7 +12,7 @@
 Exits come from predictors that always fire (a learned predictor only fires less often), with
 the SpecEE verify rule and prompt-lookup candidates, or forced layers with --force.
 
-    python tools/check_exact.py --prompts ../shared/data/prompts -n 128 --per-set 10
+    python tools/check_exact.py --prompts specee_pc/data/prompts -n 128 --per-set 10
 """
 import argparse
 import json
@@ -23,6 +23,7 @@ import time
 import llama_cpp
 
 import specee_pc
+from specee_pc.benchmark.runs import greedy_tokens
 from specee_pc.calibration import chat_tokens
 from specee_pc.predictor_file import constant_predictors
 from specee_pc.replay import ReplayExits
@@ -31,12 +32,7 @@ SETS = ["mt_bench", "sum", "qa", "alpaca", "gsm8k", "humaneval"]
 
 
 def greedy(llm, tokens, n):
-    out = []
-    for token in llm.generate(tokens, temp=0.0):
-        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token) or len(out) == n:
-            break
-        out.append(token)
-    return out
+    return greedy_tokens(llm, tokens, n)[0]
 
 
 def main() -> int:

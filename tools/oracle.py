@@ -9,54 +9,20 @@ predictor could take with the verify rule), and the oracle speed bound: full ste
 mean time of a step cut at the oracle layer (layers 0..e, timed here with forced exits less
 their exit decision, plus one full LM head). Plots it beside the predictors' exit histogram.
 
-    python tools/oracle.py [MODEL.gguf] --prompts ../shared/data/prompts --predictor P.gguf -o oracle.png
+    python tools/oracle.py [MODEL.gguf] --prompts specee_pc/data/prompts --predictor P.gguf -o oracle.png
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 
 import specee_pc
 from specee_pc.calibration import collect, load_prompts, load_records, split_held_out
 from specee_pc.drafters import NgramDrafter
+from specee_pc.oracle import speed_bound, step_ms_by_exit_layer
 from specee_pc.predictor_file import read_predictor_file
 from specee_pc.training import oracle_exit_layers, predicted_exit_layers, settled_rates
-
-TIMING_PROMPT = "Write a detailed essay about the history of the Roman Empire."
-
-
-def step_ms_by_exit_layer(path, n_layer, threads, n_tokens, runs):
-    """ms of a decode step cut after each layer plus one full LM head (index n_layer - 1: the
-    full step)."""
-    times = np.zeros(n_layer)
-    llm = specee_pc.Llama(path, n_ctx=1024, n_threads=threads, verbose=False, force_exit_layers=[0], kv_policy="mask")
-
-    def decode_ms(layers):
-        """Median ms per step in llama_decode (sampling and exit decisions left out)."""
-        llm.force_exits(layers)
-        per_run = []
-        for _ in range(runs):
-            llm.create_completion(TIMING_PROMPT, max_tokens=n_tokens, temperature=0.0)
-            s = llm.exit_stats
-            per_run.append((s.first_pass_ms - s.predictor_ms) / s.steps)
-        return statistics.median(per_run)
-
-    times[n_layer - 1] = decode_ms([])
-    weights = llm.weights
-    z = weights.final_norm(np.random.default_rng(0).normal(size=weights.n_embd).astype(np.float32))
-    lm_head = []
-    for _ in range(50):
-        start = time.perf_counter()
-        weights.lm_head_logits(z, threads)
-        lm_head.append((time.perf_counter() - start) * 1e3)
-    lm_head_ms = statistics.median(lm_head)
-    for layer in range(n_layer - 1):
-        times[layer] = decode_ms([layer]) + lm_head_ms
-    return times
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,9 +56,9 @@ def main() -> int:
     threshold = args.threshold if args.threshold is not None else predictors.threshold
     predicted = predicted_exit_layers(predictors.layers, records, predictors.offline_layers, threshold)
     predicted = np.where(predicted < 0, n_layer - 1, predicted)
-    times = step_ms_by_exit_layer(path, n_layer, args.threads, args.timing_tokens, args.timing_runs)
-    bound = times[-1] / times[oracle].mean()
-    achieved = times[-1] / times[predicted].mean()
+    times = step_ms_by_exit_layer(path, args.threads, args.timing_tokens, args.timing_runs)
+    bound = speed_bound(oracle, times)
+    achieved = speed_bound(predicted, times)
 
     print(f"{len(records.label)} decode steps; full step {times[-1]:.2f} ms; candidate hit rate {records.cand_hit.mean():.2f}")
     print("layer  settled(full vocab)  settled(best candidate)  oracle exits  predicted exits  step ms if cut here")

@@ -10,6 +10,8 @@ SUBCOMMANDS = {
     "run": ("specee_pc.cli.run", "chat with a GGUF model, or answer one prompt (-p)"),
     "calibrate": ("specee_pc.cli.calibrate", "make SpecEE predictors for a model (needs torch)"),
     "convert": ("specee_pc.cli.convert", "PyTorch predictor weights to a predictor GGUF; --inspect one"),
+    "bench": ("specee_pc.cli.bench", "decode speed and output quality against llama.cpp, side by side"),
+    "eval": ("specee_pc.cli.eval", "task accuracy, perplexity and KL divergence with and without early exit"),
 }
 
 

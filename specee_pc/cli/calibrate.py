@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import SpeceeError
 from ..predictor_file import PredictorFile, model_fingerprint, write_predictor_file
+from ..prompt_sets import HELD_OUT_PER_SET, PROMPTS_DIR
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -24,12 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specee-pc calibrate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL.gguf")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                   help="prompt .jsonl files ({'turns': [...]} per line) or folders of <set>/question.jsonl")
+    p.add_argument("--data", nargs="+", default=[PROMPTS_DIR], metavar="PATH",
+                   help="prompt .jsonl files ({'turns': [...]} per line) or folders of <set>/question.jsonl "
+                        "(default: the six SpecEE/EAGLE prompt sets shipped with specee-pc)")
     p.add_argument("-o", "--output", help="predictor file to write (default: MODEL.specee.gguf)")
     p.add_argument("--draft", metavar="DRAFT.gguf", help="draft model for candidates (default: prompt lookup)")
     p.add_argument("--prompts", type=int, default=160, help="training prompts to decode (default: 160)")
-    p.add_argument("--held-out-per-set", type=int, default=20,
+    p.add_argument("--held-out-per-set", type=int, default=HELD_OUT_PER_SET,
                    help="first prompts of each set kept out of training (default: 20)")
     p.add_argument("--eval-prompts", type=int, default=24, help="held-out prompts to evaluate on (default: 24)")
     p.add_argument("-n", "--tokens", type=int, default=64, help="tokens decoded per prompt (default: 64)")

@@ -1,0 +1,1 @@
+"""The benchmark harness behind `specee-pc bench`: configurations, timed runs, the report."""

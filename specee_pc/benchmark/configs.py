@@ -1,0 +1,130 @@
+"""What `specee-pc bench` compares. Each configuration is a model object that decodes greedily
+through llama-cpp-python's generate(), so all of them are timed and checked the same way."""
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import llama_cpp
+from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+from ..default_model import shipped_predictor_path
+from ..drafters import sync_draft_context
+from ..errors import SpeceeError
+from ..llama import Llama
+from ..model_file import open_weights
+from ..predictor_file import read_predictor_file
+from .baselines import GreedyDraftModel
+
+BASELINES = ("lookup", "draft")
+POLICIES = ("exact", "mask")
+RULES = ("verify", "candidates")
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    kind: str        # "vanilla" (llama-cpp-python), "speculative" (llama-cpp-python with a drafter), "specee"
+    lossless: bool   # claims the full model's greedy output: the report checks it against vanilla's
+    llm: llama_cpp.Llama
+    options: dict = field(default_factory=dict)  # what it was built with, for the report
+    drafter: str = ""  # specee: where its candidates come from ("ngram" or "draft")
+    draft_llm: Optional[llama_cpp.Llama] = None  # a draft model: its prompt processing is prompt time
+
+    def prefill_draft(self, prompt_tokens: Sequence[int]) -> None:
+        """Process the prompt in the draft model too, as llama.cpp's speculative example does up
+        front, so that decode time holds only decoding."""
+        if self.draft_llm is not None:
+            sync_draft_context(self.draft_llm, prompt_tokens)
+
+    def close(self) -> None:
+        if self.kind == "speculative" and self.draft_llm is not None:
+            self.draft_llm.close()  # a specee Llama closes the draft model it loaded itself
+        self.llm.close()
+
+
+@dataclass
+class BenchModels:
+    """The model files and runtime settings every configuration shares."""
+
+    model: str
+    predictor: Optional[str] = "auto"  # "auto": the file shipped for the model; None: no specee configs
+    draft: Optional[str] = None
+    n_ctx: int = 2048
+    n_threads: int = 2
+    n_gpu_layers: int = 0
+    offload_first: bool = False
+
+    def llama_kwargs(self) -> dict:
+        return dict(n_ctx=self.n_ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers, verbose=False)
+
+
+def resolve_predictor(models: BenchModels, weights) -> str:
+    if models.predictor != "auto":
+        return models.predictor
+    path = shipped_predictor_path(weights)
+    if path is None:
+        raise SpeceeError(f"no predictor is shipped for {models.model}: make one with 'specee-pc calibrate' "
+                          "and pass it with --predictor, or leave the specee configurations out (--policies none)")
+    return path
+
+
+def specee_name(policy: str, drafter: str, rule: str, threshold: float) -> str:
+    return f"specee {policy} {drafter} {rule} {threshold:.2f}"
+
+
+def build_configs(models: BenchModels, **choices) -> List[BenchConfig]:
+    """vanilla, the speculative baselines that apply, and specee for every policy x drafter x
+    rule x threshold (None: the predictor file's threshold); the draft-model variants need
+    models.draft. On an error, what was already loaded is closed."""
+    configs: List[BenchConfig] = []
+    try:
+        _add_configs(configs, models, **choices)
+    except BaseException:
+        close_configs(configs)
+        raise
+    return configs
+
+
+def _add_configs(configs: List[BenchConfig], models: BenchModels, *, baselines: Sequence[str] = BASELINES,
+                 policies: Sequence[str] = POLICIES, rules: Sequence[str] = ("verify",),
+                 thresholds: Sequence[Optional[float]] = (None,), lookup_tokens: int = 4,
+                 draft_tokens: int = 4) -> None:
+    common = models.llama_kwargs()
+    # speculative decoding keeps every logit; llama_cpp sizes that buffer by logits_all, not by
+    # draft_model, so prompts longer than n_batch overflow it unless logits_all is given too
+    configs.append(BenchConfig("vanilla", "vanilla", True, llama_cpp.Llama(models.model, **common)))
+    n_vocab = configs[0].llm.n_vocab()
+    if "lookup" in baselines:
+        configs.append(BenchConfig(
+            "lookup speculative", "speculative", True,
+            llama_cpp.Llama(models.model, **common, logits_all=True,
+                            draft_model=LlamaPromptLookupDecoding(num_pred_tokens=lookup_tokens)),
+            {"drafter": "prompt lookup", "num_pred_tokens": lookup_tokens}))
+    if "draft" in baselines and models.draft:
+        drafter = GreedyDraftModel(models.draft, target_vocab=n_vocab, num_pred_tokens=draft_tokens,
+                                   n_ctx=models.n_ctx, n_threads=models.n_threads, n_gpu_layers=models.n_gpu_layers)
+        configs.append(BenchConfig("draft speculative", "speculative", True,
+                                   llama_cpp.Llama(models.model, **common, logits_all=True, draft_model=drafter),
+                                   {"drafter": models.draft, "num_pred_tokens": draft_tokens},
+                                   draft_llm=drafter.model))
+    if not policies or models.predictor is None:
+        return
+    predictor_path = resolve_predictor(models, open_weights(models.model))
+    file_threshold = read_predictor_file(predictor_path).threshold
+    drafters = ["ngram"] + (["draft"] if models.draft else [])
+    for policy in dict.fromkeys(policies):
+        for drafter in drafters:
+            for rule in dict.fromkeys(rules):
+                for threshold in dict.fromkeys(file_threshold if t is None else t for t in thresholds):
+                    llm = Llama(models.model, **common, offload_first_layers=models.offload_first,
+                                predictor=predictor_path, exit_rule=rule, exit_threshold=threshold,
+                                kv_policy=policy, drafter=models.draft if drafter == "draft" else "ngram")
+                    configs.append(BenchConfig(
+                        specee_name(policy, drafter, rule, threshold), "specee", policy == "exact", llm,
+                        {"kv_policy": policy, "drafter": drafter, "exit_rule": rule, "threshold": threshold,
+                         "predictor": predictor_path}, drafter,
+                        llm.exit_drafter.model if drafter == "draft" else None))
+
+
+def close_configs(configs: Sequence[BenchConfig]) -> None:
+    for config in configs:
+        config.close()

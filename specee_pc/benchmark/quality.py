@@ -1,0 +1,56 @@
+"""Is each configuration's greedy output the full model's? Lossless configurations (specee's exact
+policy, speculative decoding) must give vanilla's output; where one does not, the check tells a
+bug from llama.cpp's batch-shape numerics (SPEC §3) by replaying the same batches."""
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import llama_cpp
+
+from .runs import Run, first_divergence, logit_gap, replay_matches
+
+
+@dataclass
+class OutputCheck:
+    config: str
+    prompt: str
+    identical: bool
+    first_divergence: Optional[int]   # None when identical
+    reference_tokens: int             # length of vanilla's output
+    logit_gap: Optional[float] = None  # full model's logit of its token minus ours, at the divergence
+    replay_identical: Optional[bool] = None  # specee exact: same-batch replay gives our output
+
+    @property
+    def verdict(self) -> str:
+        if self.identical:
+            return "identical"
+        gap = f"; full-model logit gap {self.logit_gap:.3f}" if self.logit_gap is not None else ""
+        if self.replay_identical is False:
+            return f"WRONG: differs from llama-cpp-python decoding the same batches (position {self.first_divergence})"
+        if self.replay_identical:
+            return f"batch-shape numerics: the same-batch replay is identical{gap}"
+        return f"differs at position {self.first_divergence}{gap}"
+
+
+def check_outputs(configs, runs: Sequence[Run], prompt_tokens: Dict[str, List[int]], vanilla: llama_cpp.Llama,
+                  replay: Optional[llama_cpp.Llama]) -> List[OutputCheck]:
+    """Each configuration's first-repetition output on each prompt against vanilla's.
+
+    vanilla: a llama_cpp.Llama on the target (for logit gaps); replay: one built with a draft
+    model (so it keeps all logits) and the configurations' layer placement, used to replay specee
+    exact runs (None: no replay)."""
+    first = {(r.config, r.prompt): r for r in runs if r.rep == 0}
+    reference = {prompt: first[("vanilla", prompt)].tokens for prompt in prompt_tokens}
+    checks = []
+    for config in configs:
+        if config.name == "vanilla":
+            continue
+        for prompt, tokens in prompt_tokens.items():
+            run = first[(config.name, prompt)]
+            at = first_divergence(run.tokens, reference[prompt])
+            check = OutputCheck(config.name, prompt, at is None, at, len(reference[prompt]))
+            if at is not None:
+                check.logit_gap = logit_gap(vanilla, tokens, reference[prompt], run.tokens, at)
+                if config.kind == "specee" and config.lossless and replay is not None:
+                    check.replay_identical = replay_matches(replay, run, tokens)
+            checks.append(check)
+    return checks

@@ -1,0 +1,154 @@
+"""The benchmark's report: per-configuration speed, exits and quality, as JSON and a markdown table.
+
+Speedups are medians of per-prompt ratios to vanilla; a prompt's ratio is the median over
+repetitions of (configuration tok/s / vanilla tok/s) in the same repetition, since the
+configurations of one repetition ran back to back (on a shared machine, noise drifts slowly).
+"""
+import statistics
+from typing import Dict, List, Optional, Sequence
+
+from .quality import OutputCheck
+from .runs import Run
+
+EXIT_COUNTERS = ("steps", "exits", "accepted", "layers_used", "checks", "lm_heads", "predictor_ms", "drafter_ms",
+                 "first_pass_ms", "repair_ms", "candidate_steps", "candidate_hits")
+
+
+def median(values) -> Optional[float]:
+    values = list(values)
+    return statistics.median(values) if values else None
+
+
+def ratio(a: float, b: float) -> Optional[float]:
+    return a / b if b else None
+
+
+def speed(runs: Sequence[Run], vanilla: Dict[tuple, Run], prompt_sets: Dict[str, str]) -> dict:
+    by_prompt: Dict[str, List[float]] = {}
+    for r in runs:
+        base = vanilla[(r.prompt, r.rep)].decode_tokens_per_second
+        if base > 0 and r.decode_tokens_per_second > 0:
+            by_prompt.setdefault(r.prompt, []).append(r.decode_tokens_per_second / base)
+    per_prompt = {p: statistics.median(v) for p, v in by_prompt.items()}
+    by_set: Dict[str, List[float]] = {}
+    for p, v in per_prompt.items():
+        by_set.setdefault(prompt_sets[p], []).append(v)
+    return {
+        "decode_tokens_per_second": median(r.decode_tokens_per_second for r in runs),
+        "prompt_tokens_per_second": median(r.prompt_tokens / r.prompt_seconds for r in runs if r.prompt_seconds > 0),
+        "speedup": median(per_prompt.values()),
+        "speedup_by_set": {s: statistics.median(v) for s, v in by_set.items()},
+        "speedup_by_prompt": per_prompt,
+    }
+
+
+def exits(runs: Sequence[Run], n_layer: int) -> dict:
+    total = {k: sum(r.exit[k] for r in runs) for k in EXIT_COUNTERS}
+    layers = [il for r in runs for il in r.exit["exit_layers"]]
+    steps = total["steps"]
+    # per token decoded (after the first): an exact-policy exit confirmed by its repair batch
+    # gives two tokens for one step
+    decoded = sum(len(r.tokens) - 1 for r in runs)
+    ms_per_token = ratio(sum(r.decode_seconds for r in runs) * 1e3, decoded)
+    predictor_ms = ratio(total["predictor_ms"], decoded)
+    return {
+        **total,
+        "exit_ratio": ratio(total["exits"], steps),
+        "mean_layers": ratio(total["layers_used"], steps) if steps else float(n_layer),
+        "mean_exit_layer": statistics.mean(layers) if layers else None,
+        "exit_layer_histogram": [layers.count(il) for il in range(n_layer)],
+        "confirmed_ratio": ratio(total["accepted"], total["exits"]),
+        "candidate_hit_rate": ratio(total["candidate_hits"], total["candidate_steps"]),
+        "predictor_ms_per_token": predictor_ms,
+        "predictor_share_of_step": ratio(predictor_ms, ms_per_token) if predictor_ms is not None and ms_per_token else None,
+        "drafter_ms_per_token": ratio(total["drafter_ms"], decoded),
+        "repair_ms_per_token": ratio(total["repair_ms"], decoded),
+    }
+
+
+def quality(checks: Sequence[OutputCheck], lossless: bool) -> dict:
+    differing = [c for c in checks if not c.identical]
+    if lossless and not differing:
+        exactness = "identical"
+    elif lossless and any(c.replay_identical is False for c in differing):
+        exactness = "WRONG"
+    elif lossless and all(c.replay_identical for c in differing):
+        exactness = "batch-shape numerics only"
+    elif lossless:
+        exactness = "differs"
+    else:
+        exactness = "lossy"
+    return {
+        "identical_share": ratio(len(checks) - len(differing), len(checks)),
+        "first_divergence_median": median(c.first_divergence for c in differing),
+        # share of vanilla's output reproduced before the first divergence, mean over prompts
+        "agreeing_prefix": statistics.mean(
+            (c.first_divergence if c.first_divergence is not None else c.reference_tokens) / max(c.reference_tokens, 1)
+            for c in checks) if checks else None,
+        "exactness": exactness,
+        "per_prompt": [{"prompt": c.prompt, "first_divergence": c.first_divergence, "logit_gap": c.logit_gap,
+                        "replay_identical": c.replay_identical} for c in checks],
+    }
+
+
+def summarize(configs, runs: Sequence[Run], checks: Sequence[OutputCheck], prompt_sets: Dict[str, str],
+              n_layer: int, oracle: Optional[dict] = None) -> List[dict]:
+    """One entry per configuration (see the module doc); oracle: {drafter: {"bound": ...}}."""
+    vanilla = {(r.prompt, r.rep): r for r in runs if r.config == "vanilla"}
+    entries = []
+    for config in configs:
+        mine = [r for r in runs if r.config == config.name]
+        entry = {"name": config.name, "kind": config.kind, "lossless": config.lossless, "options": config.options,
+                 **speed(mine, vanilla, prompt_sets)}
+        if config.kind == "specee":
+            entry["exits"] = exits(mine, n_layer)
+            if oracle and config.drafter in oracle:
+                entry["oracle_bound"] = oracle[config.drafter]["bound"]
+        if config.name != "vanilla":
+            entry["quality"] = quality([c for c in checks if c.config == config.name], config.lossless)
+        entries.append(entry)
+    return entries
+
+
+def flags(checks: Sequence[OutputCheck], configs) -> List[dict]:
+    """Lossless configurations whose output is not vanilla's, with the diagnosis."""
+    lossless = {c.name for c in configs if c.lossless}
+    return [{"config": c.config, "prompt": c.prompt, "first_divergence": c.first_divergence,
+             "logit_gap": c.logit_gap, "replay_identical": c.replay_identical, "verdict": c.verdict}
+            for c in checks if c.config in lossless and not c.identical]
+
+
+def fmt(value, spec: str = ".2f", none: str = "–") -> str:
+    return none if value is None else format(value, spec)
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"### {s['model_name']}: {s['prompts']} prompts ({', '.join(s['sets'])}), {s['n_new']} tokens, "
+             f"{s['runs']} runs, {s['threads']} threads, {report['machine']['cpu']}", "",
+             "| configuration | decode tok/s | speedup | oracle bound | prompt tok/s | layers/step | exit ratio "
+             "| mean exit layer | predictor ms/tok (share) | drafter ms/tok | candidate hits | identical to vanilla "
+             "| first divergence | exactness |",
+             "|" + "---|" * 14]
+    for c in report["configs"]:
+        e, q = c.get("exits"), c.get("quality")
+        share = f" ({fmt(e['predictor_share_of_step'], '.0%')})" if e and e["predictor_share_of_step"] is not None else ""
+        lines.append("| " + " | ".join([
+            c["name"], fmt(c["decode_tokens_per_second"], ".1f"), fmt(c["speedup"], ".3f") + "x",
+            fmt(c.get("oracle_bound"), ".2f") + ("x" if c.get("oracle_bound") else ""),
+            fmt(c["prompt_tokens_per_second"], ".0f"),
+            fmt(e and e["mean_layers"], ".1f"), fmt(e and e["exit_ratio"]), fmt(e and e["mean_exit_layer"], ".1f"),
+            (fmt(e["predictor_ms_per_token"]) + share) if e else "–",
+            fmt(e and e["drafter_ms_per_token"]), fmt(e and e["candidate_hit_rate"], ".0%"),
+            fmt(q and q["identical_share"], ".0%"), fmt(q and q["first_divergence_median"], ".0f"),
+            q["exactness"] if q else "reference"]) + " |")
+    sets = list(report["configs"][0]["speedup_by_set"])
+    lines += ["", "Speedup by prompt set (median of per-prompt ratios):", "",
+              "| configuration | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+    for c in report["configs"][1:]:
+        lines.append(f"| {c['name']} | " + " | ".join(fmt(c["speedup_by_set"].get(x), ".3f") for x in sets) + " |")
+    if report["flags"]:
+        lines += ["", f"**Flagged: {len(report['flags'])} outputs of lossless configurations differ from vanilla "
+                      "greedy:**", ""]
+        lines += [f"- {f['config']} on {f['prompt']}: {f['verdict']}" for f in report["flags"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,90 @@
+"""One timed greedy generation of one configuration on one prompt, and the checks of its output."""
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import llama_cpp
+import numpy as np
+
+from ..replay import ReplayExits
+
+
+@dataclass
+class Run:
+    config: str
+    prompt: str
+    rep: int
+    prompt_tokens: int
+    tokens: List[int]
+    prompt_seconds: float   # prompt processing and the first token
+    decode_seconds: float   # the tokens after the first
+    exit: Optional[dict] = None  # specee: the generation's ExitStats (exits_at as exit layers)
+    exits_at: list = field(default_factory=list, repr=False)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return (len(self.tokens) - 1) / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+def greedy_tokens(llm: llama_cpp.Llama, prompt_tokens: Sequence[int], n_new: int,
+                  prefill: Optional[Callable[[Sequence[int]], None]] = None):
+    """Greedy decode of up to n_new tokens (stops at end of generation); their tokens and the
+    time each was produced, in seconds from the start (which includes prefill(prompt_tokens))."""
+    llm.reset()  # process the whole prompt every run: generate() would reuse a cached prefix
+    tokens, times = [], []
+    start = time.perf_counter()
+    if prefill is not None:
+        prefill(prompt_tokens)
+    generator = llm.generate(prompt_tokens, temp=0.0)
+    try:
+        for token in generator:
+            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+                break
+            tokens.append(token)
+            times.append(time.perf_counter() - start)
+            if len(tokens) == n_new:
+                break
+    finally:
+        generator.close()
+    return tokens, times
+
+
+def timed_run(config, prompt_name: str, prompt_tokens: Sequence[int], n_new: int, rep: int) -> Run:
+    tokens, times = greedy_tokens(config.llm, prompt_tokens, n_new, config.prefill_draft)
+    run = Run(config.name, prompt_name, rep, len(prompt_tokens), tokens,
+              times[0] if times else 0.0, times[-1] - times[0] if times else 0.0)
+    stats = getattr(config.llm, "exit_stats", None)
+    if stats is not None:
+        run.exit = {k: v for k, v in dataclasses.asdict(stats).items() if k != "exits_at"}
+        run.exit["exit_layers"] = [layer for _, layer, _ in stats.exits_at]
+        run.exits_at = list(stats.exits_at)
+    return run
+
+
+def first_divergence(ours: Sequence[int], reference: Sequence[int]) -> Optional[int]:
+    """First position where two outputs differ (a length difference counts); None if identical."""
+    for i, (a, b) in enumerate(zip(ours, reference)):
+        if a != b:
+            return i
+    return None if len(ours) == len(reference) else min(len(ours), len(reference))
+
+
+def logit_gap(vanilla: llama_cpp.Llama, prompt_tokens: Sequence[int], reference: Sequence[int],
+              ours: Sequence[int], at: int) -> Optional[float]:
+    """The full model's logit of its own token minus ours at the first divergence (small: a near-tie
+    that batch-shape numerics can flip); None where one output just ended."""
+    if at >= len(reference) or at >= len(ours):
+        return None
+    vanilla.reset()
+    vanilla.eval(list(prompt_tokens) + list(reference[:at]))
+    row = np.ctypeslib.as_array(vanilla._ctx.get_logits_ith(-1), shape=(vanilla.n_vocab(),))
+    return float(row[reference[at]] - row[ours[at]])
+
+
+def replay_matches(replay: llama_cpp.Llama, run: Run, prompt_tokens: Sequence[int]) -> bool:
+    """Whether llama-cpp-python's own speculative decoding, drafting the engine's exit tokens where it
+    exited, gives the run's output: the same batch shapes, so an exact engine must match it."""
+    replay.draft_model = ReplayExits(run.exits_at)
+    tokens, _ = greedy_tokens(replay, prompt_tokens, len(run.tokens))
+    return tokens == run.tokens

@@ -1,0 +1,223 @@
+"""`specee-pc bench`: specee-pc against llama.cpp (llama-cpp-python), side by side, in one run.
+
+For each prompt, every configuration decodes greedily in turn: vanilla llama-cpp-python,
+speculative decoding (prompt lookup, and a draft model with --draft), and specee with each KV
+policy, drafter, exit rule and threshold asked for; repetitions are interleaved the same way.
+Reports decode tok/s (prompt processing apart), speedup over vanilla (median of per-prompt
+ratios), exits, predictor and drafter cost, candidate hits, and quality: whether each output is
+vanilla's greedy output, and where it departs. Lossless configurations whose output differs
+from vanilla's are flagged, with a replay of the same batches telling a bug from llama.cpp's
+batch-shape numerics. Writes PREFIX.json and PREFIX.md (and PNGs with --plot).
+"""
+import argparse
+import datetime
+import os
+import sys
+from typing import List, Optional
+
+from ..prompt_sets import HELD_OUT_PER_SET, SETS
+from .reports import name_list, run_command, write_report
+from .run import default_threads
+
+
+def threshold_list(text: str) -> List[Optional[float]]:
+    try:
+        return [None if x == "file" else float(x) for x in name_list(text)] or [None]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated thresholds, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..benchmark.configs import BASELINES, POLICIES, RULES
+
+    p = argparse.ArgumentParser(prog="specee-pc bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", metavar="MODEL.gguf", help="target model (default: the embedded SmolLM2-135M)")
+    p.add_argument("--predictor", default="auto", metavar="FILE.gguf",
+                   help="predictor file for the specee configurations (default: the one shipped for the model)")
+    p.add_argument("--draft", metavar="DRAFT.gguf",
+                   help="draft model sharing the vocabulary: adds draft-model speculative decoding and specee with "
+                        "draft candidates")
+    p.add_argument("--sets", type=name_list, default=list(SETS), metavar="S1,S2",
+                   help=f"prompt sets shipped with specee-pc (default: {','.join(SETS)})")
+    p.add_argument("--per-set", type=int, default=4, metavar="N",
+                   help=f"first prompts of each set, at most {HELD_OUT_PER_SET}: those calibrate holds out (default: 4)")
+    p.add_argument("-n", "--n-predict", type=int, default=128, metavar="N", help="tokens per generation (default: 128)")
+    p.add_argument("--runs", type=int, default=3, help="timed repetitions per prompt and configuration (default: 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed generations per configuration first (default: 1)")
+    p.add_argument("--baselines", type=name_list, default=list(BASELINES), metavar="B1,B2",
+                   help="speculative decoding baselines: lookup (prompt lookup), draft (needs --draft); none")
+    p.add_argument("--policies", type=name_list, default=list(POLICIES), metavar="P1,P2",
+                   help="specee KV policies: exact, mask; none for no specee configuration (default: exact,mask)")
+    p.add_argument("--rules", type=name_list, default=["verify"], metavar="R1,R2",
+                   help=f"exit rules, of {', '.join(RULES)} (default: verify)")
+    p.add_argument("--thresholds", type=threshold_list, default=[None], metavar="T1,T2",
+                   help="exit thresholds; 'file' is the predictor file's (default: file)")
+    p.add_argument("--lookup-tokens", type=int, default=4, help="tokens drafted by prompt lookup (default: 4)")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted by the draft model (default: 4)")
+    p.add_argument("--oracle", action="store_true",
+                   help="also measure the oracle bound of each drafter's candidates on these prompts (a full-model "
+                        "pass recording every layer, and per-layer step timing)")
+    p.add_argument("-t", "--threads", type=int, default=default_threads(), metavar="N",
+                   help="CPU threads, the same for every configuration (default: %(default)s)")
+    p.add_argument("-c", "--ctx-size", type=int, default=2048, metavar="N", help="context size (default: 2048)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N", help="layers on the GPU (default: 0)")
+    p.add_argument("--offload-first", action="store_true", help="specee: the first -ngl layers on the GPU")
+    p.add_argument("-o", "--output", metavar="PREFIX",
+                   help="writes PREFIX.json and PREFIX.md (default: bench-<model name> in this folder)")
+    p.add_argument("--plot", action="store_true", help="also PREFIX-threshold.png and PREFIX-exit-layers.png")
+    return p
+
+
+def check_args(args) -> None:
+    from ..benchmark.configs import BASELINES, POLICIES, RULES
+
+    for values, allowed, what in ((args.baselines, BASELINES, "baseline"), (args.policies, POLICIES, "policy"),
+                                  (args.rules, RULES, "exit rule")):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise ValueError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
+    if not 1 <= args.per_set <= HELD_OUT_PER_SET:
+        raise ValueError(f"--per-set must be 1..{HELD_OUT_PER_SET} (prompts beyond that trained the predictors)")
+    if args.runs < 1 or args.n_predict < 2 or args.lookup_tokens < 1 or args.draft_tokens < 1:
+        raise ValueError("--runs, --lookup-tokens and --draft-tokens must be at least 1, and -n at least 2")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+
+
+def measure_oracle(args, model: str, n_vocab: int, prompts, k: int) -> dict:
+    """Oracle exits of each drafter's candidates on the bench prompts, and the per-layer step times."""
+    import numpy as np
+
+    from ..drafters import DraftModelDrafter, NgramDrafter
+    from ..oracle import oracle_exits, speed_bound, step_ms_by_exit_layer
+
+    llama_kwargs = dict(n_gpu_layers=args.n_gpu_layers)
+    step_ms = step_ms_by_exit_layer(model, args.threads, **llama_kwargs)
+    drafters = {"ngram": NgramDrafter}
+    if args.draft:
+        drafters["draft"] = lambda: DraftModelDrafter(args.draft, target_vocab=n_vocab, n_ctx=args.ctx_size,
+                                                      n_threads=args.threads, n_gpu_layers=args.n_gpu_layers)
+    result = {}
+    for name, make in drafters.items():
+        drafter = make()
+        try:
+            layers = oracle_exits(model, drafter, prompts, args.n_predict, k, args.threads, n_ctx=args.ctx_size,
+                                  **llama_kwargs)
+        finally:
+            if hasattr(drafter, "close"):
+                drafter.close()
+        result[name] = {"bound": speed_bound(layers, step_ms), "mean_exit_layer": float(np.mean(layers)),
+                        "steps": int(len(layers)),
+                        "exit_layer_histogram": np.bincount(layers, minlength=len(step_ms)).tolist(),
+                        "step_ms_by_exit_layer": step_ms.tolist()}
+    return result
+
+
+def timed_runs(configs, prompts, tokens, args) -> list:
+    """Every configuration on every prompt, repetitions interleaved, after untimed warm-ups."""
+    from tqdm import tqdm
+
+    from ..benchmark.runs import timed_run
+
+    first = prompts[0].name
+    for config in tqdm(configs, desc="warm-up", unit="config", disable=not args.warmup):
+        for _ in range(args.warmup):
+            timed_run(config, first, tokens[first], min(args.n_predict, 32), -1)
+    runs = []
+    with tqdm(total=args.runs * len(prompts) * len(configs), desc="bench", unit="gen") as bar:
+        for rep in range(args.runs):
+            for i, prompt in enumerate(prompts):
+                shift = (rep + i) % len(configs)  # no configuration always runs first
+                for config in configs[shift:] + configs[:shift]:
+                    bar.set_postfix_str(f"{config.name} on {prompt.name}")
+                    runs.append(timed_run(config, prompt.name, tokens[prompt.name], args.n_predict, rep))
+                    bar.update()
+    return runs
+
+
+def bench(args) -> int:
+    import llama_cpp
+
+    from ..benchmark.configs import BenchModels, build_configs, close_configs
+    from ..benchmark.machine import machine_info
+    from ..benchmark.quality import check_outputs
+    from ..benchmark.report import flags, markdown, summarize
+    from ..calibration import chat_tokens
+    from ..default_model import default_model_path
+    from ..model_file import open_weights
+    from ..predictor_file import read_predictor_file
+    from ..prompt_sets import first_prompts
+    from ..replay import ReplayExits
+
+    check_args(args)
+    model = args.model or default_model_path()
+    weights = open_weights(model)
+    prompts = first_prompts(args.sets, args.per_set)
+    models = BenchModels(model, predictor=args.predictor, draft=args.draft, n_ctx=args.ctx_size,
+                         n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, offload_first=args.offload_first)
+    configs = build_configs(models, baselines=args.baselines, policies=args.policies, rules=args.rules,
+                            thresholds=args.thresholds, lookup_tokens=args.lookup_tokens,
+                            draft_tokens=args.draft_tokens)
+    try:
+        vanilla = configs[0].llm
+        tokens = {p.name: chat_tokens(vanilla, p.text) for p in prompts}
+        room = args.ctx_size - args.n_predict - 8  # a few cells for drafts and repair batches
+        too_long = [f"{name} ({len(t)} tokens)" for name, t in tokens.items() if len(t) > room]
+        if too_long:
+            raise ValueError(f"prompts longer than the context allows with -n {args.n_predict}: "
+                             f"{', '.join(too_long)}; raise -c")
+        prompt_sets = {p.name: p.name.rsplit("-", 1)[0] for p in prompts}
+        runs = timed_runs(configs, prompts, tokens, args)
+        # the replay must place layers as the configurations did: no replay under reversed offload
+        replay = (None if args.offload_first and args.n_gpu_layers else
+                  llama_cpp.Llama(model, logits_all=True, draft_model=ReplayExits([]), **models.llama_kwargs()))
+        try:
+            checks = check_outputs(configs, runs, tokens, vanilla, replay)
+        finally:
+            if replay is not None:
+                replay.close()
+        specee = [c for c in configs if c.kind == "specee"]
+        k = read_predictor_file(specee[0].options["predictor"]).k if specee else 4
+        oracle = measure_oracle(args, model, weights.n_vocab, prompts, k) if args.oracle else None
+        report = {
+            "format": "specee-pc bench 1",
+            "command": ["specee-pc", "bench"] + args.argv,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_info(),
+            "settings": {"model": os.path.abspath(model), "model_name": os.path.basename(model),
+                         "n_layer": weights.n_layer, "draft": args.draft, "sets": args.sets, "per_set": args.per_set,
+                         "prompts": len(prompts), "n_new": args.n_predict, "runs": args.runs, "warmup": args.warmup,
+                         "threads": args.threads, "n_ctx": args.ctx_size, "n_gpu_layers": args.n_gpu_layers,
+                         "offload_first": args.offload_first},
+            "configs": summarize(configs, runs, checks, prompt_sets, weights.n_layer, oracle),
+            "flags": flags(checks, configs),
+            "oracle": oracle,
+            "prompts": [{"name": p.name, "tokens": len(tokens[p.name])} for p in prompts],
+            "outputs": {c.name: {r.prompt: r.tokens for r in runs if r.config == c.name and r.rep == 0}
+                        for c in configs},
+            "runs": [{"config": r.config, "prompt": r.prompt, "rep": r.rep, "tokens": len(r.tokens),
+                      "prompt_seconds": r.prompt_seconds, "decode_seconds": r.decode_seconds,
+                      "decode_tokens_per_second": r.decode_tokens_per_second, "exit": r.exit} for r in runs],
+        }
+    finally:
+        close_configs(configs)
+    prefix = args.output or f"bench-{os.path.splitext(os.path.basename(model))[0]}"
+    written = write_report(prefix, report, markdown(report))
+    if args.plot:
+        from ..benchmark.plots import plot_report
+        written += plot_report(report, prefix)
+    print(f"wrote {', '.join(written)}", file=sys.stderr)
+    wrong = [f for f in report["flags"] if f["replay_identical"] is False]
+    if wrong:
+        print(f"specee-pc bench: {len(wrong)} outputs of lossless configurations are wrong (see the flags)",
+              file=sys.stderr)
+        return 3
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_command("bench", build_parser(), bench, argv)

@@ -1,0 +1,94 @@
+"""specee-pc bench: runs end to end on a tiny setting, writes a well-formed report, and flags a
+lossless configuration whose output is not vanilla's. (Speed is never asserted here.)"""
+import json
+import math
+import subprocess
+import sys
+
+from conftest import N_THREADS, constant_predictors
+
+import specee_pc
+from specee_pc.benchmark.configs import BenchConfig, BenchModels, build_configs, close_configs
+from specee_pc.benchmark.quality import check_outputs
+from specee_pc.benchmark.report import flags, summarize
+from specee_pc.benchmark.runs import first_divergence, timed_run
+from specee_pc.calibration import chat_tokens
+from specee_pc.prompt_sets import first_prompts
+
+CLI = [sys.executable, "-m", "specee_pc.cli"]
+
+
+def run_cli(args, cwd):
+    return subprocess.run(CLI + args, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_tiny_bench_writes_a_well_formed_report(tmp_path):
+    result = run_cli(["bench", "--sets", "mt_bench,humaneval", "--per-set", "1", "-n", "12", "--runs", "2",
+                      "--warmup", "0", "-t", str(N_THREADS), "-o", "out", "--plot"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out.json").read_text())
+    names = [c["name"] for c in report["configs"]]
+    assert names == ["vanilla", "lookup speculative", "specee exact ngram verify 0.50", "specee mask ngram verify 0.50"]
+    assert report["settings"]["prompts"] == 2 and report["settings"]["threads"] == N_THREADS
+    assert report["machine"]["llama_cpp_python"] == "0.3.36" and report["machine"]["specee_pc"] == specee_pc.__version__
+    assert len(report["runs"]) == 2 * 2 * len(names)
+    for config in report["configs"]:
+        assert config["decode_tokens_per_second"] > 0 and math.isfinite(config["speedup"])
+        assert set(config["speedup_by_set"]) == {"mt_bench", "humaneval"}
+    assert report["configs"][0]["speedup"] == 1.0
+    for config in report["configs"][2:]:
+        e = config["exits"]
+        assert e["steps"] > 0 and 0 <= e["exit_ratio"] <= 1 and sum(e["exit_layer_histogram"]) == e["exits"]
+        assert config["quality"]["exactness"] in ("identical", "batch-shape numerics only", "lossy")
+    # outputs are recorded, and a lossless configuration's differences are explained in the flags
+    for flag in report["flags"]:
+        assert flag["replay_identical"] is not False, flag
+    table = (tmp_path / "out.md").read_text()
+    assert table.count("\n| specee") == 2 + 2 and "speedup" in table
+    assert (tmp_path / "out-threshold.png").stat().st_size > 0 and (tmp_path / "out-exit-layers.png").stat().st_size > 0
+    assert "wrote" in result.stderr and not list(tmp_path.glob("*.part"))
+
+
+def test_a_lossy_configuration_claiming_exactness_is_flagged(model_path):
+    """The harness catches a wrong configuration: mask-policy exits with predictors that always fire,
+    presented as lossless, give outputs that llama-cpp-python decoding the same batches does not."""
+    models = BenchModels(model_path, n_ctx=1024, n_threads=N_THREADS)
+    configs = build_configs(models, baselines=(), policies=())
+    weights = specee_pc.model_file.open_weights(model_path)
+    always = constant_predictors(weights, [16, 20, 24, 27])
+    for policy in ("exact", "mask"):
+        llm = specee_pc.Llama(model_path, n_ctx=1024, n_threads=N_THREADS, verbose=False, predictor=always,
+                              kv_policy=policy)
+        configs.append(BenchConfig(f"claims exact ({policy})", "specee", True, llm, drafter="ngram"))
+    prompts = first_prompts(["humaneval"], 1)
+    tokens = {p.name: chat_tokens(configs[0].llm, p.text) for p in prompts}
+    runs = [timed_run(c, p.name, tokens[p.name], 48, 0) for c in configs for p in prompts]
+    import llama_cpp
+    from specee_pc.replay import ReplayExits
+    replay = llama_cpp.Llama(model_path, n_ctx=1024, n_threads=N_THREADS, verbose=False, logits_all=True,
+                             draft_model=ReplayExits([]))
+    checks = check_outputs(configs, runs, tokens, configs[0].llm, replay)
+    report = summarize(configs, runs, checks, {p.name: "humaneval" for p in prompts}, weights.n_layer)
+    found = flags(checks, configs)
+    replay.close()
+    close_configs(configs)
+    exact, mask = report[1], report[2]
+    assert exact["exits"]["exits"] > 0 and mask["exits"]["exits"] > 0
+    assert exact["quality"]["exactness"] in ("identical", "batch-shape numerics only")
+    assert mask["quality"]["exactness"] == "WRONG"
+    assert [f["config"] for f in found if f["replay_identical"] is False] == ["claims exact (mask)"]
+    assert "WRONG" in found[-1]["verdict"]
+
+
+def test_first_divergence():
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 5, 3], [1, 2, 3]) == 1
+    assert first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path):
+    for args in (["--per-set", "30"], ["--sets", "nope"], ["--policies", "fast"], ["missing.gguf"]):
+        result = run_cli(["bench", "--warmup", "0", *args], tmp_path)
+        assert result.returncode == 1, (args, result.stderr)
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("specee-pc bench: error:"), result.stderr
+    assert not list(tmp_path.iterdir())
