@@ -3,14 +3,15 @@
 partial GPU offload, from what `specee-pc bench --oracle` measured on a small model here.
 
 Measured (from the bench JSON): each specee configuration's exit-layer distribution (as a share
-of the model's depth), its predictor checks per step, and the exact policy's confirmed-exit ratio; the small model's per-layer step time on this CPU (reported, and
+of the model's depth), its predictor checks and verifying LM heads per step, its drafter's cost as
+a share of a vanilla step, and the exact policy's confirmed-exit ratio; the small model's per-layer step time on this CPU (reported, and
 the CPU bandwidth used unless --cpu-gbps is given).
 Assumed (flags): a Llama-2-7B Q4_K_M (32 layers of ~122 MB, LM head ~107 MB), decode limited by
 memory bandwidth on both devices, the bandwidths of a laptop (RTX 4060 Laptop ~200 GB/s effective,
 DDR5 dual channel ~45 GB/s effective), and the cost of a 2-token batch relative to one token.
 
 Per token: vanilla = sum of layer times + LM head. A mask-policy configuration (SpecEE) = layers
-0..e + one full LM head + the decision; an exact one = the same first pass, then on an exit a
+0..e + one full LM head under the verify rule (none under the candidates rule) + the decision; an exact one = the same first pass, then on an exit a
 2-token batch through every layer, which also yields the next token when the exit is confirmed.
 Offload: llama.cpp puts the last -ngl layers on the GPU; SpecEE's reversed offload the first
 ones and the LM head, so exits skip CPU layers.
@@ -38,7 +39,7 @@ def layer_times(n_layer: int, ngl: int, reversed_offload: bool, gpu_ms: float, c
     return np.where(on_gpu, gpu_ms, cpu_ms)
 
 
-def project(config: dict, small_layers: int, args, ngl: int, reversed_offload: bool) -> dict:
+def project(config: dict, small_layers: int, args, ngl: int, reversed_offload: bool, vanilla_ms: float) -> dict:
     n = args.layers
     t = layer_times(n, ngl, reversed_offload, args.layer_mb / args.gpu_gbps, args.layer_mb / args.cpu_gbps)
     head_on_gpu = reversed_offload and ngl > 0 or ngl > n  # llama.cpp offloads the output layer last
@@ -50,11 +51,15 @@ def project(config: dict, small_layers: int, args, ngl: int, reversed_offload: b
     p_exit = hist / steps  # per small-model layer; the rest ran every layer
     # an exit after small layer l keeps the same share of the 7B's depth
     depth = np.minimum(np.ceil((np.arange(small_layers) + 1) / small_layers * n).astype(int), n)
-    cut = np.array([t[:d].sum() + head for d in depth])
+    # the verify rule computes a full LM head at the exit; the candidates rule only the candidates' rows
+    exit_head = head if config["options"]["exit_rule"] == "verify" else 0.0
+    cut = np.array([t[:d].sum() + exit_head for d in depth])
     gpu_share = (t < args.layer_mb / args.cpu_gbps).mean() if ngl else 0.0
     batch2 = args.batch2_gpu * gpu_share + args.batch2_cpu * (1 - gpu_share)
-    # the exit's own LM head is in `cut`; verifications that did not exit computed one each too
+    # the exit's own LM head is in `cut`; verifications that did not exit computed one each
     decision = ((args.sync_ms + args.check_ms) * e["checks"] + head * (e["lm_heads"] - e["exits"])) / steps
+    # the drafter keeps the share of a vanilla step it took here (a draft model scales with its target)
+    decision += full * (e["drafter_ms_per_token"] or 0.0) / vanilla_ms
     no_exit = 1 - p_exit.sum()
     if config["options"]["kv_policy"] == "mask":
         ms_per_token = no_exit * full + (p_exit * cut).sum() + decision
@@ -84,6 +89,7 @@ def main() -> None:
         raise SystemExit("project_7b: the bench report has no per-layer times: run specee-pc bench with --oracle")
     step_ms = np.array(next(iter(report["oracle"].values()))["step_ms_by_exit_layer"])
     small_layers = report["settings"]["n_layer"]
+    vanilla_ms = 1e3 / report["configs"][0]["decode_tokens_per_second"]
     per_layer_ms = np.polyfit(np.arange(small_layers - 1), step_ms[:-1], 1)[0]
     measured_gbps = layer_bytes(report["settings"]["model"]) / 1e6 / per_layer_ms  # MB/ms = GB/s
     print(f"PROJECTION for a {args.layers}-layer 7B-class model from {os.path.basename(args.bench_json)}: "
@@ -94,7 +100,7 @@ def main() -> None:
     for config in (c for c in report["configs"] if c["kind"] == "specee"):
         for ngl in (int(x) for x in args.ngl.split(",")):
             for reversed_offload in ((False, True) if 0 < ngl < args.layers else (False,)):
-                p = project(config, small_layers, args, ngl, reversed_offload)
+                p = project(config, small_layers, args, ngl, reversed_offload, vanilla_ms)
                 print(f"| {config['name']} | {'first layers (SpecEE)' if reversed_offload else 'last layers (llama.cpp)'} "
                       f"| {ngl} | {p['vanilla_tps']:.1f} | {p['specee_tps']:.1f} | {p['speedup']:.2f}x |")
 

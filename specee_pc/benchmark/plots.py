@@ -46,6 +46,7 @@ def plot_report(report: dict, prefix: str) -> List[str]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20(np.arange(20)))  # more configurations than the default 10 colours
     layers = np.arange(n_layer)
     for c in specee:
         hist = np.array(c["exits"]["exit_layer_histogram"], float)
