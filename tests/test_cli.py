@@ -102,7 +102,7 @@ class Reader(threading.Thread):
 
 
 def test_chat_ctrl_c_stops_the_answer_then_exit_leaves(tmp_path):
-    chat = subprocess.Popen(CLI + ["run", "--temp", "0", "-n", "600", "-t", "2"], cwd=tmp_path, text=True,
+    chat = subprocess.Popen(CLI + ["run", "--temp", "0", "-n", "150", "-t", "2"], cwd=tmp_path, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = Reader(chat.stdout), Reader(chat.stderr)
     try:
