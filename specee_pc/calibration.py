@@ -23,6 +23,10 @@ class Prompt:
     name: str   # "<set>-<question_id>", unique: the shard's file name
     text: str
 
+    @property
+    def set_name(self) -> str:
+        return self.name.rsplit("-", 1)[0]
+
 
 def load_prompts(paths: Iterable[str]) -> List[Prompt]:
     """Prompts from .jsonl files (one {"question_id", "turns": [...]} per line, the first turn
@@ -52,9 +56,8 @@ def split_held_out(prompts: Sequence[Prompt], per_set: int):
     """The first `per_set` prompts of each set are held out (benchmarks use the first ones)."""
     seen, train, held = {}, [], []
     for p in prompts:
-        set_name = p.name.rsplit("-", 1)[0]
-        seen[set_name] = seen.get(set_name, 0) + 1
-        (held if seen[set_name] <= per_set else train).append(p)
+        seen[p.set_name] = seen.get(p.set_name, 0) + 1
+        (held if seen[p.set_name] <= per_set else train).append(p)
     return train, held
 
 

@@ -7,6 +7,7 @@ import sys
 
 from conftest import N_THREADS, constant_predictors
 
+import llama_cpp
 import specee_pc
 from specee_pc.benchmark.configs import BenchConfig, BenchModels, build_configs, close_configs
 from specee_pc.benchmark.quality import check_outputs
@@ -14,6 +15,7 @@ from specee_pc.benchmark.report import flags, summarize
 from specee_pc.benchmark.runs import first_divergence, timed_run
 from specee_pc.calibration import chat_tokens
 from specee_pc.prompt_sets import first_prompts
+from specee_pc.replay import ReplayExits
 
 CLI = [sys.executable, "-m", "specee_pc.cli"]
 
@@ -63,8 +65,6 @@ def test_a_lossy_configuration_claiming_exactness_is_flagged(model_path):
     prompts = first_prompts(["humaneval"], 1)
     tokens = {p.name: chat_tokens(configs[0].llm, p.text) for p in prompts}
     runs = [timed_run(c, p.name, tokens[p.name], 48, 0) for c in configs for p in prompts]
-    import llama_cpp
-    from specee_pc.replay import ReplayExits
     replay = llama_cpp.Llama(model_path, n_ctx=1024, n_threads=N_THREADS, verbose=False, logits_all=True,
                              draft_model=ReplayExits([]))
     checks = check_outputs(configs, runs, tokens, configs[0].llm, replay)

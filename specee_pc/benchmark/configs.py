@@ -57,12 +57,13 @@ class BenchModels:
         return dict(n_ctx=self.n_ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers, verbose=False)
 
 
-def resolve_predictor(models: BenchModels, weights) -> str:
-    if models.predictor != "auto":
-        return models.predictor
+def resolve_predictor(predictor: str, model: str, weights) -> str:
+    """The predictor file to use: `predictor`, or for "auto" the one shipped for the model."""
+    if predictor != "auto":
+        return predictor
     path = shipped_predictor_path(weights)
     if path is None:
-        raise SpeceeError(f"no predictor is shipped for {models.model}: make one with 'specee-pc calibrate' "
+        raise SpeceeError(f"no predictor is shipped for {model}: make one with 'specee-pc calibrate' "
                           "and pass it with --predictor, or leave the specee configurations out (--policies none)")
     return path
 
@@ -108,7 +109,7 @@ def _add_configs(configs: List[BenchConfig], models: BenchModels, *, baselines: 
                                    draft_llm=drafter.model))
     if not policies or models.predictor is None:
         return
-    predictor_path = resolve_predictor(models, open_weights(models.model))
+    predictor_path = resolve_predictor(models.predictor, models.model, open_weights(models.model))
     file_threshold = read_predictor_file(predictor_path).threshold
     drafters = ["ngram"] + (["draft"] if models.draft else [])
     for policy in dict.fromkeys(policies):

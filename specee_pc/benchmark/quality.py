@@ -5,8 +5,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import llama_cpp
+import numpy as np
 
-from .runs import Run, first_divergence, logit_gap, replay_matches
+from .runs import Run, first_divergence, next_logits, replay_matches
 
 
 @dataclass
@@ -40,6 +41,19 @@ def check_outputs(configs, runs: Sequence[Run], prompt_tokens: Dict[str, List[in
     exact runs (None: no replay)."""
     first = {(r.config, r.prompt): r for r in runs if r.rep == 0}
     reference = {prompt: first[("vanilla", prompt)].tokens for prompt in prompt_tokens}
+    rows: Dict[tuple, np.ndarray] = {}  # configurations often part from vanilla at the same near-tie
+
+    def logit_gap(prompt: str, ours: List[int], at: int) -> Optional[float]:
+        """The full model's logit of its own token minus ours at the first divergence (small: a
+        near-tie that batch-shape numerics can flip); None where one output just ended."""
+        theirs = reference[prompt]
+        if at >= len(theirs) or at >= len(ours):
+            return None
+        if (prompt, at) not in rows:
+            rows[(prompt, at)] = next_logits(vanilla, list(prompt_tokens[prompt]) + theirs[:at])
+        row = rows[(prompt, at)]
+        return float(row[theirs[at]] - row[ours[at]])
+
     checks = []
     for config in configs:
         if config.name == "vanilla":
@@ -49,7 +63,7 @@ def check_outputs(configs, runs: Sequence[Run], prompt_tokens: Dict[str, List[in
             at = first_divergence(run.tokens, reference[prompt])
             check = OutputCheck(config.name, prompt, at is None, at, len(reference[prompt]))
             if at is not None:
-                check.logit_gap = logit_gap(vanilla, tokens, reference[prompt], run.tokens, at)
+                check.logit_gap = logit_gap(prompt, run.tokens, at)
                 if config.kind == "specee" and config.lossless and replay is not None:
                     check.replay_identical = replay_matches(replay, run, tokens)
             checks.append(check)

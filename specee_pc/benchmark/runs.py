@@ -70,16 +70,11 @@ def first_divergence(ours: Sequence[int], reference: Sequence[int]) -> Optional[
     return None if len(ours) == len(reference) else min(len(ours), len(reference))
 
 
-def logit_gap(vanilla: llama_cpp.Llama, prompt_tokens: Sequence[int], reference: Sequence[int],
-              ours: Sequence[int], at: int) -> Optional[float]:
-    """The full model's logit of its own token minus ours at the first divergence (small: a near-tie
-    that batch-shape numerics can flip); None where one output just ended."""
-    if at >= len(reference) or at >= len(ours):
-        return None
+def next_logits(vanilla: llama_cpp.Llama, tokens: Sequence[int]) -> np.ndarray:
+    """The full model's logits after `tokens` (a copy)."""
     vanilla.reset()
-    vanilla.eval(list(prompt_tokens) + list(reference[:at]))
-    row = np.ctypeslib.as_array(vanilla._ctx.get_logits_ith(-1), shape=(vanilla.n_vocab(),))
-    return float(row[reference[at]] - row[ours[at]])
+    vanilla.eval(list(tokens))
+    return np.ctypeslib.as_array(vanilla._ctx.get_logits_ith(-1), shape=(vanilla.n_vocab(),)).copy()
 
 
 def replay_matches(replay: llama_cpp.Llama, run: Run, prompt_tokens: Sequence[int]) -> bool:

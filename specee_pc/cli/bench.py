@@ -170,7 +170,7 @@ def bench(args) -> int:
         if too_long:
             raise ValueError(f"prompts longer than the context allows with -n {args.n_predict}: "
                              f"{', '.join(too_long)}; raise -c")
-        prompt_sets = {p.name: p.name.rsplit("-", 1)[0] for p in prompts}
+        prompt_sets = {p.name: p.set_name for p in prompts}
         runs = timed_runs(configs, prompts, tokens, args)
         # the replay must place layers as the configurations did: no replay under reversed offload
         replay = (None if args.offload_first and args.n_gpu_layers else

@@ -43,14 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def choice_task(configs, items, progress) -> dict:
-    from ..evaluation.scoring import ExitCounts, choose
+def answers_by_config(configs, items, progress, answer):
+    """answer(llm, item) for every item and configuration: the answers, and the exits they took."""
+    from ..evaluation.scoring import ExitCounts
 
     counts = {name: ExitCounts() for name in configs}
-    picks = {name: [] for name in configs}
+    answers = {name: [] for name in configs}
     for item in progress(items):
         for name, llm in configs.items():
-            picks[name].append(choose(llm, item, counts[name]))
+            answers[name].append(answer(llm, item))
+            counts[name].add(llm.exit_stats)
+    return answers, counts
+
+
+def choice_task(configs, items, progress) -> dict:
+    from ..evaluation.scoring import choose
+
+    picks, counts = answers_by_config(configs, items, progress, choose)
     gold = np.array([item.gold for item in items])
     full = np.array(picks["full"])
     return {name: {"accuracy": float(np.mean(np.array(p) == gold)),
@@ -59,13 +68,9 @@ def choice_task(configs, items, progress) -> dict:
 
 
 def gsm8k_task(configs, items, progress, max_tokens: int) -> dict:
-    from ..evaluation.scoring import ExitCounts, solve
+    from ..evaluation.scoring import solve
 
-    counts = {name: ExitCounts() for name in configs}
-    correct = {name: [] for name in configs}
-    for item in progress(items):
-        for name, llm in configs.items():
-            correct[name].append(solve(llm, item, max_tokens, counts[name]))
+    correct, counts = answers_by_config(configs, items, progress, lambda llm, item: solve(llm, item, max_tokens))
     return {name: {"accuracy": float(np.mean(c)), **exit_summary(counts[name])} for name, c in correct.items()}
 
 
@@ -78,14 +83,14 @@ def lambada_task(configs, items, progress) -> dict:
     top1 = {name: [] for name in configs}
     last_word = {name: [] for name in configs}
     for item in progress(items):
-        forced = {name: teacher_force(llm, item) for name, llm in configs.items()}
+        forced = {}
+        for name, llm in configs.items():
+            forced[name] = teacher_force(llm, item)
+            counts[name].add(llm.exit_stats)
         full = forced["full"]
         full_probs = np.exp(full.log_probs)
         targets = np.array(full.tokens)
         for name, f in forced.items():
-            counts[name].steps += f.counts.steps
-            counts[name].exits += f.counts.exits
-            counts[name].layers_used += f.counts.layers_used
             nll[name] += (-f.log_probs[np.arange(len(targets)), targets]).tolist()
             kl[name] += (full_probs * (full.log_probs - f.log_probs)).sum(axis=1).tolist()
             argmax = f.log_probs.argmax(axis=1)
@@ -161,7 +166,7 @@ def markdown(report: dict) -> str:
 def evaluate(args) -> int:
     from tqdm import tqdm
 
-    from ..benchmark.configs import BenchModels, resolve_predictor
+    from ..benchmark.configs import resolve_predictor
     from ..benchmark.machine import machine_info
     from ..default_model import default_model_path
     from ..evaluation.tasks import TASKS
@@ -176,16 +181,16 @@ def evaluate(args) -> int:
     model = args.model or default_model_path()
     # twice the items asked for, so that prompts too long for the context can be passed over
     candidates = {task: TASKS[task](2 * args.limit) for task in args.tasks}  # data errors before models
-    predictor = resolve_predictor(BenchModels(model, predictor=args.predictor), open_weights(model))
+    predictor = resolve_predictor(args.predictor, model, open_weights(model))
     common = dict(n_ctx=args.ctx_size, n_threads=args.threads, verbose=False)
     configs = {"full": Llama(model, **common)}
-    items, skipped = fitting_items(configs["full"], candidates, args)
-    for policy in args.policies:
-        configs[f"specee {policy}"] = Llama(model, **common, predictor=predictor, kv_policy=policy,
-                                            exit_rule=args.exit_rule, exit_threshold=args.threshold,
-                                            drafter=args.draft or "ngram")
     tasks = {}
     try:
+        items, skipped = fitting_items(configs["full"], candidates, args)
+        for policy in args.policies:
+            configs[f"specee {policy}"] = Llama(model, **common, predictor=predictor, kv_policy=policy,
+                                                exit_rule=args.exit_rule, exit_threshold=args.threshold,
+                                                drafter=args.draft or "ngram")
         for task, task_items in items.items():
             def progress(xs, task=task):
                 return tqdm(xs, desc=task, unit="item")

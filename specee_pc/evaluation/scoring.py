@@ -3,10 +3,11 @@
 Only decode steps may exit (the prompt never does), so each way of answering puts the answer in
 decode steps: GSM8K generates its chain of thought; a multiple-choice answer is the next token
 after the prompt's last token, which is decoded as a generation step; LAMBADA's passages are
-teacher-forced one decode step per token after a short prompt.
+teacher-forced one decode step per token after a short prompt. After each scorer, the Llama's
+exit_stats hold that item's exits.
 """
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 import numpy as np
@@ -44,10 +45,9 @@ def same_number(a: Optional[str], b: str) -> bool:
         return False
 
 
-def solve(llm, item: GenerationItem, max_tokens: int, counts: ExitCounts) -> bool:
+def solve(llm, item: GenerationItem, max_tokens: int) -> bool:
     out = llm.create_completion(item.prompt, max_tokens=max_tokens, temperature=0.0,
                                 stop=["Question:", "\n\n"])
-    counts.add(llm.exit_stats)
     return same_number(final_number(out["choices"][0]["text"]), item.answer)
 
 
@@ -59,14 +59,13 @@ def continuation_token(llm, context: List[int], text: str, continuation: str) ->
     return llm.tokenize(continuation.encode("utf-8"), add_bos=False)[0]
 
 
-def choose(llm, item: ChoiceItem, counts: ExitCounts) -> int:
+def choose(llm, item: ChoiceItem) -> int:
     """The choice whose first token the model ranks highest after the prompt (-1: none ranked)."""
     tokens = llm.tokenize(item.prompt.encode("utf-8"))
     llm.reset()
     llm.reset_exit_stats()
     llm.eval(tokens[:-1])
     logits = llm.decode_step(tokens[-1])
-    counts.add(llm.exit_stats)
     scores = logits[[continuation_token(llm, tokens, item.prompt, c) for c in item.choices]]
     # the candidates exit rule leaves -inf outside its candidates: no choice among them, no answer
     return int(np.argmax(scores)) if np.isfinite(scores.max()) else -1
@@ -78,7 +77,6 @@ class ForcedText:
     tokens: List[int]
     log_probs: np.ndarray        # [n, vocab] log-softmax of the logits predicting each token
     continuation_start: int      # index (into tokens) of the continuation's first token
-    counts: ExitCounts = field(default_factory=ExitCounts)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -94,6 +92,4 @@ def teacher_force(llm, item: TextItem) -> ForcedText:
     llm.reset_exit_stats()
     llm.eval(tokens[:start])
     rows = [llm.decode_step(t) for t in tokens[start:-1]]  # each predicts the token after it
-    counts = ExitCounts()
-    counts.add(llm.exit_stats)
-    return ForcedText(tokens[start + 1:], log_softmax(np.stack(rows).astype(np.float64)), n_context - start - 1, counts)
+    return ForcedText(tokens[start + 1:], log_softmax(np.stack(rows).astype(np.float64)), n_context - start - 1)

@@ -86,15 +86,18 @@ def mmlu(limit: int) -> List[ChoiceItem]:
     """MMLU test questions, round-robin over the subjects, each with its subject's 5 dev examples."""
     subjects = sorted(os.path.basename(p) for p in glob.glob(os.path.join(data_dir(), "hf_datasets/hails/mmlu_no_train/*")))
     tests: Dict[str, List[dict]] = {s: _arrow_rows(f"hails/mmlu_no_train/{s}/test/*.arrow") for s in subjects}
+    contexts: Dict[str, str] = {}  # each subject's header and dev examples, read when first needed
     items, i = [], 0
     while len(items) < limit and any(i < len(t) for t in tests.values()):
         for subject in subjects:
             if i < len(tests[subject]) and len(items) < limit:
-                shots = _arrow_rows(f"hails/mmlu_no_train/{subject}/dev/*.arrow")
-                header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-                context = "".join(_choice_block(s["question"], s["choices"]) + f" {LETTERS[s['answer']]}\n\n" for s in shots)
+                if subject not in contexts:
+                    shots = _arrow_rows(f"hails/mmlu_no_train/{subject}/dev/*.arrow")
+                    contexts[subject] = (
+                        f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+                        + "".join(_choice_block(s["question"], s["choices"]) + f" {LETTERS[s['answer']]}\n\n" for s in shots))
                 row = tests[subject][i]
-                items.append(ChoiceItem(header + context + _choice_block(row["question"], row["choices"]),
+                items.append(ChoiceItem(contexts[subject] + _choice_block(row["question"], row["choices"]),
                                         [f" {LETTERS[j]}" for j in range(len(row["choices"]))], row["answer"]))
         i += 1
     return items
