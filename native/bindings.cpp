@@ -9,6 +9,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -42,6 +43,14 @@ class Weights {
             ok = specee_weights_lm_head_rows(w_.get(), ids.data(), (int32_t) ids.size(), rows.mutable_data());
         }
         if (!ok) throw py::index_error("token id out of range [0, " + std::to_string(info_.n_vocab) + ")");
+        return rows;
+    }
+
+    float_array embd_rows(const std::vector<int32_t> & ids) const {
+        float_array rows({(py::ssize_t) ids.size(), (py::ssize_t) info_.n_embd});
+        if (!specee_weights_embd_rows(w_.get(), ids.data(), (int32_t) ids.size(), rows.mutable_data())) {
+            throw py::index_error("token id out of range [0, " + std::to_string(info_.n_vocab) + ")");
+        }
         return rows;
     }
 
@@ -136,6 +145,61 @@ class ExitController {
     std::unique_ptr<specee_exit, deleter> e_;
 };
 
+class DraftHead {
+  public:
+    DraftHead(const std::string & path, const Weights & weights, int32_t n_ctx, int32_t n_threads, bool gpu)
+        : n_embd_(weights.info().n_embd) {
+        char err[600] = {0};
+        h_.reset(specee_head_init_from_file(path.c_str(), weights.get(), n_ctx, n_threads, gpu, err, sizeof(err)));
+        if (!h_) throw py::value_error(path + ": " + err);
+        info_ = specee_head_get_info(h_.get());
+    }
+
+    const specee_head_info & info() const { return info_; }
+
+    std::vector<int32_t> vocab() const {
+        const int32_t * v = specee_head_vocab(h_.get());
+        return std::vector<int32_t>(v, v + info_.n_draft_vocab);
+    }
+
+    void set_features(int32_t pos, const float_array & hidden) {
+        if (hidden.ndim() != 2 || hidden.shape(1) != n_embd_) throw py::value_error("features must be [n, n_embd]");
+        if (!specee_head_set_features(h_.get(), pos, (int32_t) hidden.shape(0), hidden.data())) {
+            throw py::index_error("feature positions outside the draft head's context");
+        }
+    }
+
+    std::vector<int32_t> propose(const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & tokens, int32_t k) {
+        std::vector<int32_t> out(std::max(k, 0));
+        int32_t n;
+        {
+            py::gil_scoped_release release;
+            n = specee_head_propose(h_.get(), tokens.data(), (int32_t) tokens.size(), k, out.data());
+        }
+        out.resize(n);
+        return out;
+    }
+
+    py::tuple forward(const std::vector<int32_t> & tokens) {
+        const py::ssize_t rows = (py::ssize_t) tokens.size() - 1;
+        if (rows < 1) throw py::value_error("forward needs at least 2 tokens");
+        float_array hidden({rows, (py::ssize_t) n_embd_});
+        float_array logits({rows, (py::ssize_t) info_.n_draft_vocab});
+        if (!specee_head_forward(h_.get(), tokens.data(), (int32_t) tokens.size(), hidden.mutable_data(), logits.mutable_data())) {
+            throw py::value_error("draft head forward failed: features missing for these positions, or too many tokens");
+        }
+        return py::make_tuple(hidden, logits);
+    }
+
+    specee_head * get() { return h_.get(); }
+
+  private:
+    struct deleter { void operator()(specee_head * h) const { specee_head_free(h); } };
+    int32_t n_embd_;
+    std::unique_ptr<specee_head, deleter> h_;
+    specee_head_info info_{};
+};
+
 class Hook {
   public:
     Hook(int32_t n_layer, int32_t n_embd) : n_layer_(n_layer), n_embd_(n_embd), h_(specee_hook_init(n_layer, n_embd)) {}
@@ -148,6 +212,13 @@ class Hook {
         specee_hook_set_capture(h_.get(), layers.data(), (int32_t) layers.size());
     }
     void begin_step(int32_t pos) { specee_hook_begin_step(h_.get(), pos); }
+    void set_row_capture(int32_t il) { specee_hook_set_row_capture(h_.get(), il); }
+    float_array rows() const {
+        const int32_t n = specee_hook_n_rows(h_.get());
+        float_array out({(py::ssize_t) n, (py::ssize_t) n_embd_});
+        if (n) memcpy(out.mutable_data(), specee_hook_rows(h_.get()), (size_t) n * n_embd_ * sizeof(float));
+        return out;
+    }
     void set_masking(bool on) { specee_hook_set_masking(h_.get(), on); }
     void prune_holes(int32_t n_pos) { specee_hook_prune_holes(h_.get(), n_pos); }
     int32_t n_holes() const { return specee_hook_n_holes(h_.get()); }
@@ -204,6 +275,7 @@ PYBIND11_MODULE(_native, m) {
         .def("output_norm", &Weights::output_norm)
         .def("lm_head_rows", &Weights::lm_head_rows, py::arg("ids"))
         .def("final_norm", &Weights::final_norm, py::arg("x"))
+        .def("embd_rows", &Weights::embd_rows, py::arg("ids"))
         .def("lm_head_logits", [](const Weights & w, const float_array & z, int32_t n_threads) {
             if (z.ndim() != 1 || z.shape(0) != w.info().n_embd) throw py::value_error("lm_head_logits expects n_embd values");
             float_array out(w.info().n_vocab);
@@ -236,12 +308,28 @@ PYBIND11_MODULE(_native, m) {
         .def("step", &ExitController::step)
         .def("logits", &ExitController::logits);
 
+    py::class_<DraftHead>(m, "DraftHead", "EAGLE-1 draft head of a predictor file, run with ggml")
+        .def(py::init<const std::string &, const Weights &, int32_t, int32_t, bool>(), py::arg("path"), py::arg("weights"),
+             py::arg("n_ctx"), py::arg("n_threads") = 1, py::arg("gpu") = false, py::keep_alive<1, 3>())
+        .def_property_readonly("n_draft_vocab", [](const DraftHead & h) { return h.info().n_draft_vocab; })
+        .def_property_readonly("n_ff", [](const DraftHead & h) { return h.info().n_ff; })
+        .def("vocab", &DraftHead::vocab)
+        .def("set_features", &DraftHead::set_features, py::arg("pos"), py::arg("hidden"),
+             "the target's hidden states (before the final norm) at positions pos, pos+1, ...")
+        .def("propose", &DraftHead::propose, py::arg("tokens"), py::arg("k"),
+             "top-k target ids for the token after the context (empty when a feature is missing)")
+        .def("time_lm_head", [](DraftHead & h, int32_t n_runs) { return specee_head_time_lm_head(h.get(), n_runs); },
+             py::arg("n_runs") = 50, "median ms of the draft-vocabulary LM head alone")
+        .def("forward", &DraftHead::forward, py::arg("tokens"), "rows 0..n-2 afresh: (hidden [n-1, n_embd], logits)");
+
     py::class_<Hook>(m, "Hook", "Native eval callback that captures per-layer hidden states")
         .def(py::init<int32_t, int32_t>(), py::arg("n_layer"), py::arg("n_embd"))
         .def_property_readonly("callback_address", &Hook::callback_address)
         .def_property_readonly("user_data_address", &Hook::user_data_address)
         .def("set_capture", &Hook::set_capture, py::arg("layers"))
         .def("begin_step", &Hook::begin_step, py::arg("pos") = -1)
+        .def("set_row_capture", &Hook::set_row_capture, py::arg("layer"))
+        .def("rows", &Hook::rows, "every output row of the row-capture layer in the last step [n, n_embd]")
         .def("set_masking", &Hook::set_masking, py::arg("on"))
         .def("prune_holes", &Hook::prune_holes, py::arg("n_pos"))
         .def_property_readonly("n_holes", &Hook::n_holes)

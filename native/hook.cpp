@@ -21,6 +21,8 @@ struct specee_hook {
     std::vector<uint8_t> seen;     // [n_layer] l_out-<i> nodes met during this step
     std::vector<uint8_t> captured; // [n_layer] layers copied during this step
     std::vector<float>   hidden;   // [n_layer][n_embd] last token's residual stream
+    int32_t              row_layer = -1; // layer whose every output row is kept (-1: none)
+    std::vector<float>   rows;     // [n][n_embd] those rows, over the step's ubatches
 
     specee_exit * exit  = nullptr;  // decides where a step may stop (not owned)
     bool          armed = false;
@@ -138,9 +140,16 @@ bool specee_hook_eval_callback(ggml_tensor * t, bool ask, void * user_data) {
         // the next nodes belong to layer il + 1; after the last layer, a next graph (ubatch) starts
         h->next_layer = il + 1 < h->n_layer ? il + 1 : 0;
         if (il + 1 == h->n_layer) h->hidden_in = nullptr;
-        return h->capture[il] || decides || hides;
+        return h->capture[il] || decides || hides || il == h->row_layer;
     }
     if (t->type != GGML_TYPE_F32 || t->ne[0] != h->n_embd) return true;
+    if (il == h->row_layer) {
+        const size_t n = h->rows.size();
+        h->rows.resize(n + (size_t) t->ne[1] * h->n_embd);
+        for (int64_t r = 0; r < t->ne[1]; ++r) {
+            ggml_backend_tensor_get(t, h->rows.data() + n + (size_t) r * h->n_embd, (size_t) r * t->nb[1], (size_t) h->n_embd * sizeof(float));
+        }
+    }
     // the last column is the last token of the ubatch (the last layer keeps only output rows)
     float * hidden = h->hidden.data() + (size_t) il * h->n_embd;
     const size_t offset = (size_t) (t->ne[1] - 1) * t->nb[1];
@@ -164,10 +173,24 @@ void specee_hook_set_capture(specee_hook * h, const int32_t * layers, int32_t n)
     }
 }
 
+void specee_hook_set_row_capture(specee_hook * h, int32_t il) {
+    h->row_layer = il >= 0 && il < h->n_layer ? il : -1;
+    h->rows.clear();
+}
+
+int32_t specee_hook_n_rows(const specee_hook * h) {
+    return (int32_t) (h->rows.size() / h->n_embd);
+}
+
+const float * specee_hook_rows(const specee_hook * h) {
+    return h->rows.data();
+}
+
 void specee_hook_begin_step(specee_hook * h, int32_t pos) {
     std::fill(h->seen.begin(), h->seen.end(), 0);
     std::fill(h->captured.begin(), h->captured.end(), 0);
     h->cut       = false;
+    h->rows.clear();
     h->step_pos  = pos;
     h->step_cell = -1;
     h->next_layer = 0;

@@ -47,6 +47,14 @@ const float * specee_weights_output_norm(const struct specee_weights * w);
 // Dequantizes LM-head rows ids[0..n) into out[n][n_embd]. False if an id is out of range.
 bool specee_weights_lm_head_rows(const struct specee_weights * w, const int32_t * ids, int32_t n, float * out);
 
+// Dequantizes token-embedding rows ids[0..n) into out[n][n_embd]. False if an id is out of range.
+bool specee_weights_embd_rows(const struct specee_weights * w, const int32_t * ids, int32_t n, float * out);
+
+// Copies LM-head rows ids[0..n) as stored (ggml type specee_weights_lm_head_ggml_type, rows of
+// ggml_row_size(type, n_embd) bytes) into out: a reduced LM head as exact as the model's own.
+bool    specee_weights_lm_head_rows_raw(const struct specee_weights * w, const int32_t * ids, int32_t n, void * out);
+int32_t specee_weights_lm_head_ggml_type(const struct specee_weights * w);
+
 // y = RMSNorm(x) * output_norm.weight, as the model's final norm computes it
 void specee_weights_final_norm(const struct specee_weights * w, const float * x, float * y);
 
@@ -109,6 +117,49 @@ struct specee_exit_step specee_exit_get_step(const struct specee_exit * e);
 // The exit layer's logits (n_vocab; -INFINITY outside C for the candidates rule), or NULL.
 const float * specee_exit_get_logits(const struct specee_exit * e);
 
+// ---------------------------------------------------------------- draft head (EAGLE-1)
+//
+// Candidates from one decoder layer trained on the target's hidden states. Row j reads the
+// feature f_j = final_norm(target hidden state at position j) and the embedding of token j+1,
+// and predicts f_{j+1}; its logits over a draft vocabulary (a subset of the target's, with
+// the target's own LM-head rows) rank the candidates for token j+2:
+//   x = fc [embd(t_{j+1}), f_j] + b;  x += attn(x) (RoPE, causal, own KV cache);
+//   x += down(silu(gate(n)) * up(n)), n = ffn_norm(x);  logits = W_out[vocab] x
+
+struct specee_head;
+
+struct specee_head_info {
+    int32_t n_embd, n_head, n_head_kv, head_dim, n_ff, n_draft_vocab;
+    float   rope_freq_base, norm_eps;
+};
+
+// Loads the head tensors (head.*) and metadata (specee.head.*) of a predictor GGUF for target
+// w (which must outlive it), with room for n_ctx positions; on the first GPU device when gpu
+// and llama.cpp was built with one, else on the CPU with n_threads.
+struct specee_head * specee_head_init_from_file(const char * path, const struct specee_weights * w, int32_t n_ctx,
+                                                int32_t n_threads, bool gpu, char * err, size_t err_size);
+void                 specee_head_free(struct specee_head * h);
+
+struct specee_head_info specee_head_get_info(const struct specee_head * h);
+const int32_t *         specee_head_vocab(const struct specee_head * h); // [n_draft_vocab] target ids
+
+// Stores the target's residual stream (before its final norm) at positions pos..pos+n-1: after
+// its last layer, or after the exit layer when a step exited. Cached rows from pos on are dropped.
+bool specee_head_set_features(struct specee_head * h, int32_t pos, int32_t n, const float * hidden);
+
+// For the context tokens[0..n), n >= 2: brings the head's cache to it (rows whose token still
+// matches are kept, the rest run again) and writes the top k target ids for the token after
+// tokens[n-1] into out. Returns how many were written: 0 when a feature is missing.
+int32_t specee_head_propose(struct specee_head * h, const int32_t * tokens, int32_t n, int32_t k, int32_t * out);
+
+// Testing: runs rows 0..n-2 afresh and writes their hidden states [n-1][n_embd] and logits
+// [n-1][n_draft_vocab].
+bool specee_head_forward(struct specee_head * h, const int32_t * tokens, int32_t n, float * out_hidden, float * out_logits);
+
+// Median ms of the head's LM head (draft-vocabulary rows) alone over n_runs: its share of a
+// proposal, for the benchmark's cost budget. -1 on failure.
+double specee_head_time_lm_head(struct specee_head * h, int32_t n_runs);
+
 // ---------------------------------------------------------------- eval-callback hook
 
 struct specee_hook;
@@ -123,6 +174,13 @@ bool specee_hook_eval_callback(struct ggml_tensor * t, bool ask, void * user_dat
 
 // Selects the layers whose hidden state is copied (replaces the previous selection).
 void specee_hook_set_capture(struct specee_hook * h, const int32_t * layers, int32_t n);
+
+// Keeps every output row of layer il (-1: none) in the next steps: a batch's rows, in order
+// across its ubatches, for the tokens whose output was requested (the last layer computes
+// only those). What a drafter fed with the target's hidden states reads.
+void          specee_hook_set_row_capture(struct specee_hook * h, int32_t il);
+int32_t       specee_hook_n_rows(const struct specee_hook * h);
+const float * specee_hook_rows(const struct specee_hook * h); // [n_rows][n_embd], valid until the next step
 
 // Forgets what the previous decode step captured and saw; call before llama_decode.
 // pos: position of the batch's last token (the one a cut leaves behind as a KV hole).

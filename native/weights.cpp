@@ -33,6 +33,9 @@ struct specee_weights {
     ggml_type          lm_head_type = GGML_TYPE_F32;
     size_t             lm_head_row_bytes = 0;
     const uint8_t    * lm_head_data = nullptr; // into the mapping
+    ggml_type          embd_type = GGML_TYPE_F32;
+    size_t             embd_row_bytes = 0;
+    const uint8_t    * embd_data = nullptr;    // token_embd.weight, into the mapping
 
     void * map      = MAP_FAILED;
     size_t map_size = 0;
@@ -188,6 +191,17 @@ void find_lm_head(specee_weights * w, const gguf_context * g, const ggml_context
     w->lm_head_data      = data + gguf_get_tensor_offset(g, id);
 }
 
+void find_token_embd(specee_weights * w, const gguf_context * g, const ggml_context * meta, const uint8_t * data) {
+    const int64_t id = gguf_find_tensor(g, "token_embd.weight");
+    if (id < 0) fail("no token_embd.weight tensor");
+    const ggml_tensor * t = ggml_get_tensor(const_cast<ggml_context *>(meta), "token_embd.weight");
+    if (t->ne[0] != w->n_embd || t->ne[1] != w->n_vocab) fail("token_embd.weight is not [n_vocab, n_embd]");
+    if (!can_dequantize(t->type)) fail("token_embd.weight has type %s, which cannot be dequantized", ggml_type_name(t->type));
+    w->embd_type      = t->type;
+    w->embd_row_bytes = ggml_row_size(t->type, w->n_embd);
+    w->embd_data      = data + gguf_get_tensor_offset(g, id);
+}
+
 void load(specee_weights * w, const char * path) {
     check_magic(path);
     ggml_cpu_init(); // the CPU dot products below need ggml's conversion tables
@@ -206,6 +220,7 @@ void load(specee_weights * w, const char * path) {
         const uint8_t * data = static_cast<const uint8_t *>(w->map) + gguf_get_data_offset(g);
         read_output_norm(w, g, meta, data);
         find_lm_head(w, g, meta, data);
+        find_token_embd(w, g, meta, data);
     } catch (...) {
         gguf_free(g);
         ggml_free(meta);
@@ -254,6 +269,30 @@ bool specee_weights_lm_head_rows(const specee_weights * w, const int32_t * ids, 
         to_float(w->lm_head_type, w->lm_head_data + (size_t) ids[i] * w->lm_head_row_bytes, out + (size_t) i * w->n_embd, w->n_embd);
     }
     return true;
+}
+
+bool specee_weights_embd_rows(const specee_weights * w, const int32_t * ids, int32_t n, float * out) {
+    for (int32_t i = 0; i < n; ++i) {
+        if (ids[i] < 0 || ids[i] >= w->n_vocab) return false;
+    }
+    for (int32_t i = 0; i < n; ++i) {
+        to_float(w->embd_type, w->embd_data + (size_t) ids[i] * w->embd_row_bytes, out + (size_t) i * w->n_embd, w->n_embd);
+    }
+    return true;
+}
+
+bool specee_weights_lm_head_rows_raw(const specee_weights * w, const int32_t * ids, int32_t n, void * out) {
+    for (int32_t i = 0; i < n; ++i) {
+        if (ids[i] < 0 || ids[i] >= w->n_vocab) return false;
+    }
+    for (int32_t i = 0; i < n; ++i) {
+        memcpy((uint8_t *) out + (size_t) i * w->lm_head_row_bytes, w->lm_head_data + (size_t) ids[i] * w->lm_head_row_bytes, w->lm_head_row_bytes);
+    }
+    return true;
+}
+
+int32_t specee_weights_lm_head_ggml_type(const specee_weights * w) {
+    return (int32_t) w->lm_head_type;
 }
 
 void specee_weights_final_norm(const specee_weights * w, const float * x, float * y) {

@@ -90,3 +90,20 @@ class DraftModelDrafter:
 
     def close(self) -> None:
         self.model.close()
+
+
+class HeadDrafter:
+    """Top-k of the EAGLE-1 draft head a predictor file carries (native, ggml), fed with the
+    target's hidden states: Llama hands them over after every decode (`set_features`)."""
+
+    def __init__(self, predictor_path: str, weights, *, n_ctx: int, n_threads: int = 1, gpu: bool = False):
+        from . import _native
+
+        self.head = _native.DraftHead(predictor_path, weights, n_ctx, n_threads, gpu)
+
+    def set_features(self, position: int, hidden: np.ndarray) -> None:
+        """The target's residual stream [n, n_embd] (before its final norm) at position, position+1, ..."""
+        self.head.set_features(position, hidden)
+
+    def propose(self, context: Sequence[int], k: int) -> List[int]:
+        return self.head.propose(np.asarray(context, dtype=np.int32), k)

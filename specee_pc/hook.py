@@ -28,6 +28,15 @@ class LayerHook:
     def set_capture(self, layers: Iterable[int]) -> None:
         self._native.set_capture(sorted(set(int(il) for il in layers)))
 
+    def set_row_capture(self, layer: int) -> None:
+        """Keep every output row of `layer` (-1: none) in each step; see rows()."""
+        self._native.set_row_capture(layer)
+
+    def rows(self) -> np.ndarray:
+        """The row-capture layer's output rows [n, n_embd] in the last step, in batch order (the last
+        layer has rows only for tokens whose output was requested; none after a cut)."""
+        return self._native.rows()
+
     def begin_step(self, position: int = -1) -> None:
         """Before llama_decode; position: the batch's last token (a cut leaves it as a KV hole)."""
         self._native.begin_step(position)

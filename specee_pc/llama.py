@@ -15,7 +15,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_tokenizer import LlamaTokenizer
 
 from .default_model import shipped_predictor_path
-from .drafters import DraftModelDrafter, Drafter, NgramDrafter
+from .drafters import DraftModelDrafter, Drafter, HeadDrafter, NgramDrafter
 from .engine import ExitEngine, ExitStats
 from .errors import ModelFileError
 from .hook import LayerHook
@@ -23,6 +23,9 @@ from .model_file import open_weights
 from .offload import offload_first_layers
 from .predictor_file import PredictorFile, read_predictor_file
 from .stats import GenerationStats
+
+
+FEATURE_BATCH = 256  # tokens per decode while every token's output is kept (bounds the logits buffer)
 
 
 class Llama(llama_cpp.Llama):
@@ -37,8 +40,10 @@ class Llama(llama_cpp.Llama):
                            that batch's logits verify it, so outputs are the full model's;
                            "mask" (SpecEE): the exit token is emitted from the exit layer's
                            logits, and deeper layers never attend to the exited position
-        drafter            "ngram" (prompt lookup), a path to a draft GGUF model that shares the
-                           target's vocabulary (top-k of its logits), or a Drafter object
+        drafter            "auto" (default): the predictor file's draft head if it carries one,
+                           else "ngram"; "head": the file's EAGLE-1 draft head; "ngram" (prompt
+                           lookup); a path to a draft GGUF model that shares the target's
+                           vocabulary (top-k of its logits); or a Drafter object
         force_exit_layers  debug: exit at the first of these layers that a step reaches
         offline_layers     layers always checked (default: the predictor file's)
         online_offsets     offsets around the last 5 exit layers also checked (default: the file's,
@@ -56,7 +61,7 @@ class Llama(llama_cpp.Llama):
     def __init__(self, model_path: str, *, verbose: bool = True,
                  predictor: Union[str, PredictorFile, None] = None, exit_rule: str = "verify",
                  exit_threshold: Optional[float] = None, kv_policy: str = "exact",
-                 drafter: Union[str, Drafter] = "ngram", force_exit_layers: Sequence[int] = (),
+                 drafter: Union[str, Drafter] = "auto", force_exit_layers: Sequence[int] = (),
                  offline_layers: Optional[Sequence[int]] = None, online_offsets: Optional[Sequence[int]] = None,
                  offload_first_layers: bool = False, **kwargs):
         # our own checks first: llama.cpp would only say "failed to load model"
@@ -82,6 +87,7 @@ class Llama(llama_cpp.Llama):
         self.last_stats: Optional[GenerationStats] = None
         self._engine: Optional[ExitEngine] = None
         self._owned_drafter = None  # a draft model this object loaded (closed with it)
+        self._feature_sink = None   # who gets the target's last hidden states after each decode
         self._decoding = False  # prompt processing never exits
         self.configure_exits(predictor=predictor, exit_rule=exit_rule, exit_threshold=exit_threshold,
                              kv_policy=kv_policy, drafter=drafter, force_exit_layers=force_exit_layers,
@@ -156,7 +162,7 @@ class Llama(llama_cpp.Llama):
 
     def configure_exits(self, *, predictor: Union[str, PredictorFile, None] = None, exit_rule: str = "verify",
                         exit_threshold: Optional[float] = None, kv_policy: str = "exact",
-                        drafter: Union[str, Drafter] = "ngram", force_exit_layers: Sequence[int] = (),
+                        drafter: Union[str, Drafter] = "auto", force_exit_layers: Sequence[int] = (),
                         offline_layers: Optional[Sequence[int]] = None,
                         online_offsets: Optional[Sequence[int]] = None) -> None:
         """(Re)configure early exit for the next generations; no predictor and no forced layers: off.
@@ -172,11 +178,20 @@ class Llama(llama_cpp.Llama):
             if isinstance(predictor, str):
                 path, predictor = predictor, read_predictor_file(predictor)
                 predictor.check_model(self.weights, path, self.model_path)
-            if drafter == "ngram":
+            has_head = isinstance(predictor, PredictorFile) and predictor.head is not None and bool(predictor.path)
+            if drafter == "auto":
+                drafter = "head" if has_head else "ngram"
+            if drafter == "head":
+                if not has_head:
+                    raise ValueError("drafter 'head': the predictor file carries no draft head (calibrate with --head)")
+                drafter = HeadDrafter(predictor.path, self.weights, n_ctx=self._n_ctx, n_threads=self.n_threads,
+                                      gpu=self._draft_gpu_layers != 0)
+            elif drafter == "ngram":
                 drafter = NgramDrafter()
             elif isinstance(drafter, str):
                 if not drafter.endswith(".gguf"):
-                    raise ValueError(f"unknown drafter {drafter!r}: use 'ngram', a draft model .gguf path or a Drafter")
+                    raise ValueError(f"unknown drafter {drafter!r}: use 'auto', 'head', 'ngram', a draft model .gguf "
+                                     "path or a Drafter")
                 drafter = owned = DraftModelDrafter(drafter, target_vocab=self.weights.n_vocab, n_ctx=self._n_ctx,
                                                     n_threads=self.n_threads, n_gpu_layers=self._draft_gpu_layers)
             # one thread: the exit decision runs inside the eval callback while ggml's own CPU
@@ -195,6 +210,18 @@ class Llama(llama_cpp.Llama):
         if self._owned_drafter is not None:
             self._owned_drafter.close()
         self._owned_drafter = owned
+        self.feed_hidden_states(engine.drafter if engine and hasattr(engine.drafter, "set_features") else None)
+
+    def feed_hidden_states(self, sink) -> None:
+        """After every decode, hand the target's residual stream at its last computed layer (the
+        last, or the exit layer) to sink.set_features(position, rows); None stops. While a sink is
+        set, prompts are decoded with an output for every token, so that every position has one."""
+        if sink is not None and sink is not self._feature_sink:
+            # positions already cached were never fed to this sink: decode them again
+            self._ctx.kv_cache_clear()
+            self.n_tokens = 0
+        self._feature_sink = sink
+        self._hook.set_row_capture(self.weights.n_layer - 1 if sink is not None else -1)
 
     def _sliding_window_layers(self) -> bool:
         return any(key.endswith(".attention.sliding_window") for key in self.metadata)
@@ -243,6 +270,9 @@ class Llama(llama_cpp.Llama):
             self._engine.settle(self.input_ids, self.n_tokens, tokens[0])
         # the 2-token repair batch must fit llama_cpp's batch too
         if self._engine is None or not self._decoding or len(tokens) != 1 or room < 2 or self.n_batch < 2:
+            if self._feature_sink is not None:
+                self._eval_feeding(tokens)
+                return
             self._hook.begin_step(self.n_tokens + len(tokens) - 1)
             super().eval(tokens)
             return
@@ -257,6 +287,16 @@ class Llama(llama_cpp.Llama):
             self.n_tokens = t
             self._requires_eval = True
             raise
+
+    def _eval_feeding(self, tokens: Sequence[int]) -> None:
+        """llama_cpp's eval, with every token's output so that the sink gets every position's state."""
+        self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
+        chunk = max(1, min(self.n_batch, FEATURE_BATCH))
+        for i in range(0, len(tokens), chunk):
+            batch, n_past = tokens[i:i + chunk], self.n_tokens
+            self._hook.begin_step(n_past + len(batch) - 1)
+            self._decode_at(n_past, batch, all_logits=True)
+            self._feature_sink.set_features(n_past, self._hook.rows())
 
     def _eval_with_exit(self, token: int) -> None:
         """One decode step that may stop after a scheduled layer."""
@@ -273,10 +313,14 @@ class Llama(llama_cpp.Llama):
         stats = self._engine.stats
         stats.first_pass_ms += (time.perf_counter() - start) * 1e3
         if step["exit_layer"] < 0:
+            if self._feature_sink is not None:
+                self._feature_sink.set_features(t, self._hook.rows())
             return
         if self._engine.kv_policy == "mask":
             # llama.cpp left stale logits behind the cut: the sampler must see the exit layer's
             self._set_last_logits(self._engine.controller.logits())
+            if self._feature_sink is not None:  # the exit layer's state stands in for the last layer's
+                self._feature_sink.set_features(t, self._hook.hidden(step["exit_layer"])[None])
             return
         # Layers after the exit never saw this token (their K/V cells are stale), and the exit
         # token is only a guess: re-run the token in full together with its exit token. The
@@ -287,6 +331,8 @@ class Llama(llama_cpp.Llama):
         self._hook.begin_step(t + 1)
         self._decode_at(t, [token, step["exit_token"]], all_logits=True)
         stats.repair_ms += (time.perf_counter() - start) * 1e3
+        if self._feature_sink is not None:
+            self._feature_sink.set_features(t, self._hook.rows())
 
     def decode_step(self, token: int) -> np.ndarray:
         """Decode one token as a generation step does (so it may exit early) and return the logits a

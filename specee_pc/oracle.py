@@ -25,22 +25,23 @@ def step_ms_by_exit_layer(path: str, threads: int, n_tokens: int = 32, runs: int
         llm.close()
 
 
+def _decode_ms(llm: Llama, layers, n_tokens: int, runs: int) -> float:
+    """Median ms per step in llama_decode with exits forced at `layers` (sampling and exit
+    decisions left out)."""
+    llm.force_exits(layers)
+    per_run = []
+    for _ in range(runs):
+        llm.create_completion(TIMING_PROMPT, max_tokens=n_tokens, temperature=0.0)
+        s = llm.exit_stats
+        if s.steps:  # a generation that ended at once has no decode step to time
+            per_run.append((s.first_pass_ms - s.predictor_ms) / s.steps)
+    return statistics.median(per_run)
+
+
 def _step_ms(llm: Llama, threads: int, n_tokens: int, runs: int) -> np.ndarray:
     n_layer = llm.weights.n_layer
-
-    def decode_ms(layers):
-        """Median ms per step in llama_decode (sampling and exit decisions left out)."""
-        llm.force_exits(layers)
-        per_run = []
-        for _ in range(runs):
-            llm.create_completion(TIMING_PROMPT, max_tokens=n_tokens, temperature=0.0)
-            s = llm.exit_stats
-            if s.steps:  # a generation that ended at once has no decode step to time
-                per_run.append((s.first_pass_ms - s.predictor_ms) / s.steps)
-        return statistics.median(per_run)
-
     times = np.zeros(n_layer)
-    times[n_layer - 1] = decode_ms([])
+    times[n_layer - 1] = _decode_ms(llm, [], n_tokens, runs)
     weights = llm.weights
     z = weights.final_norm(np.random.default_rng(0).normal(size=weights.n_embd).astype(np.float32))
     lm_head = []
@@ -50,8 +51,21 @@ def _step_ms(llm: Llama, threads: int, n_tokens: int, runs: int) -> np.ndarray:
         lm_head.append((time.perf_counter() - start) * 1e3)
     lm_head_ms = statistics.median(lm_head)
     for layer in range(n_layer - 1):
-        times[layer] = decode_ms([layer]) + lm_head_ms
+        times[layer] = _decode_ms(llm, [layer], n_tokens, runs) + lm_head_ms
     return times
+
+
+def layer_ms(path: str, threads: int, n_tokens: int = 32, runs: int = 3, **llama_kwargs) -> float:
+    """ms of one target layer in a decode step: the slope of step time between exits forced
+    after the first and after the second-to-last layer."""
+    llm = Llama(path, n_ctx=1024, n_threads=threads, verbose=False, force_exit_layers=[0], kv_policy="mask",
+                **llama_kwargs)
+    try:
+        n_layer = llm.weights.n_layer
+        first = _decode_ms(llm, [0], n_tokens, runs)
+        return (_decode_ms(llm, [n_layer - 2], n_tokens, runs) - first) / (n_layer - 2)
+    finally:
+        llm.close()
 
 
 def speed_bound(exit_layers: np.ndarray, step_ms: np.ndarray) -> float:
@@ -69,6 +83,8 @@ def oracle_exits(path: str, drafter, prompts, n_new: int, k: int = 4, threads: i
     from .training import oracle_exit_layers
 
     llm = Llama(path, n_ctx=n_ctx, n_threads=threads, verbose=False, **llama_kwargs)
+    if hasattr(drafter, "set_features"):  # a draft head reads the target's hidden states
+        llm.feed_hidden_states(drafter)
     try:
         with tempfile.TemporaryDirectory() as work_dir:
             records = collect(llm, drafter, prompts, work_dir, n_new, k, "oracle records")

@@ -12,13 +12,19 @@ Layout (general.architecture = "specee-predictor"):
   specee.offline_layers                        layers always checked
   specee.online_offsets                        offsets around recent exit layers, e.g. [-2, 0, 2]
   blk.<i>.fc1.weight [H, 3k], blk.<i>.fc1.bias [H], blk.<i>.fc2.weight [H], blk.<i>.fc2.bias [1]
+Optional EAGLE-1 draft head (native/head.cpp runs it; specee_pc.head_model is its torch twin):
+  specee.head.{n_head,n_head_kv,head_dim,n_ff,rope_freq_base,norm_eps}
+  specee.head.top_k_hit_rate                   held-out share of steps whose greedy token is in its top k
+  head.vocab [N] i32                           draft vocabulary: target token ids
+  head.fc.weight [d, 2d], head.fc.bias [d], head.attn_{q,k,v,output}.weight, head.ffn_norm.weight,
+  head.ffn_{gate,up,down}.weight               (torch's [out, in]; f16, q8_0 or q4_0 matrices)
 Readers ignore keys they do not know.
 """
 import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -45,6 +51,28 @@ class LayerPredictor:
     fc2_bias: float
 
 
+HEAD_MATRICES = ("fc.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+                 "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+HEAD_VECTORS = ("fc.bias", "ffn_norm.weight")
+HEAD_TYPES = ("f32", "f16", "q8_0", "q4_0")
+
+
+@dataclass
+class HeadWeights:
+    """An EAGLE-1 draft head: its shape, its tensors (float32, torch layout) and vocabulary."""
+
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    rope_freq_base: float
+    norm_eps: float
+    vocab: np.ndarray                       # [N] int32 target ids
+    tensors: Dict[str, np.ndarray]          # HEAD_MATRICES + HEAD_VECTORS, without the "head." prefix
+    tensor_type: str = "q8_0"               # storage type of the matrices
+    top_k_hit_rate: float = float("nan")
+
+
 @dataclass
 class PredictorFile:
     model_arch: str
@@ -60,6 +88,8 @@ class PredictorFile:
     model_fingerprint: str = ""
     drafter: str = "ngram"
     features: str = FEATURES
+    head: Optional[HeadWeights] = None
+    path: str = ""  # the file it was read from ("" if built in memory): the native head loads from it
 
     def check_model(self, weights, predictor_path: str, model_path: str) -> None:
         """Raise ModelFileError naming both models unless this file was made for `weights`."""
@@ -111,6 +141,8 @@ def write_predictor_file(path: str, predictors: PredictorFile) -> None:
         writer.add_float32("specee.threshold", predictors.threshold)
         writer.add_array("specee.offline_layers", [int(x) for x in predictors.offline_layers])
         writer.add_array("specee.online_offsets", [int(x) for x in predictors.online_offsets])
+        if predictors.head is not None:
+            add_head(writer, predictors.head)
         for il, p in sorted(predictors.layers.items()):
             writer.add_tensor(f"blk.{il}.fc1.weight", np.ascontiguousarray(p.fc1_weight, dtype=np.float32))
             writer.add_tensor(f"blk.{il}.fc1.bias", np.ascontiguousarray(p.fc1_bias, dtype=np.float32))
@@ -127,6 +159,51 @@ def write_predictor_file(path: str, predictors: PredictorFile) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def add_head(writer, head: HeadWeights) -> None:
+    import gguf
+
+    if head.tensor_type not in HEAD_TYPES:
+        raise ValueError(f"draft head tensor type must be one of {HEAD_TYPES}, not {head.tensor_type!r}")
+    for key in ("n_head", "n_head_kv", "head_dim", "n_ff"):
+        writer.add_uint32(f"specee.head.{key}", int(getattr(head, key)))
+    writer.add_float32("specee.head.rope_freq_base", float(head.rope_freq_base))
+    writer.add_float32("specee.head.norm_eps", float(head.norm_eps))
+    writer.add_float32("specee.head.top_k_hit_rate", float(head.top_k_hit_rate))
+    writer.add_tensor("head.vocab", np.ascontiguousarray(head.vocab, dtype=np.int32))
+    qtype = gguf.GGMLQuantizationType[head.tensor_type.upper()]
+    for name in HEAD_MATRICES:
+        data = np.ascontiguousarray(head.tensors[name], dtype=np.float32)
+        if qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(f"head.{name}", data)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(f"head.{name}", data.astype(np.float16))
+        else:
+            writer.add_tensor(f"head.{name}", gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    for name in HEAD_VECTORS:
+        writer.add_tensor(f"head.{name}", np.ascontiguousarray(head.tensors[name], dtype=np.float32))
+
+
+def read_head(reader) -> Optional[HeadWeights]:
+    import gguf
+
+    if "specee.head.n_head" not in reader.fields:
+        return None
+    value = lambda key: reader.fields[key].contents()  # noqa: E731
+    tensors = {t.name: t for t in reader.tensors if t.name.startswith("head.")}
+    weights = {}
+    for name in HEAD_MATRICES + HEAD_VECTORS:
+        t = tensors[f"head.{name}"]
+        data = gguf.quants.dequantize(t.data, t.tensor_type) if t.tensor_type not in (
+            gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else np.asarray(t.data)
+        weights[name] = np.asarray(data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+    matrix_type = tensors["head.fc.weight"].tensor_type.name.lower()
+    return HeadWeights(int(value("specee.head.n_head")), int(value("specee.head.n_head_kv")),
+                       int(value("specee.head.head_dim")), int(value("specee.head.n_ff")),
+                       float(value("specee.head.rope_freq_base")), float(value("specee.head.norm_eps")),
+                       np.asarray(tensors["head.vocab"].data, dtype=np.int32).copy(), weights, matrix_type,
+                       float(value("specee.head.top_k_hit_rate")))
 
 
 def read_predictor_file(path: str) -> PredictorFile:
@@ -148,7 +225,7 @@ def read_predictor_file(path: str) -> PredictorFile:
 
     if value("general.architecture") != ARCH:
         raise ModelFileError(f"{path}: not a specee predictor file (architecture {value('general.architecture')!r})")
-    tensors = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
+    tensors = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors if t.name.startswith("blk.")}
     layers = {}
     for name in tensors:
         if name.endswith(".fc1.weight"):
@@ -157,6 +234,10 @@ def read_predictor_file(path: str) -> PredictorFile:
             fc1 = tensors[prefix + "fc1.weight"]
             layers[il] = LayerPredictor(fc1.reshape(-1, 3 * value("specee.k")), tensors[prefix + "fc1.bias"],
                                         tensors[prefix + "fc2.weight"].reshape(-1), float(tensors[prefix + "fc2.bias"][0]))
+    try:
+        head = read_head(reader)
+    except (KeyError, ValueError) as e:
+        raise ModelFileError(f"{path}: broken draft head ({e})") from None
     return PredictorFile(
         model_arch=value("specee.model.arch"), model_n_layer=int(value("specee.model.n_layer")),
         model_n_embd=int(value("specee.model.n_embd")), model_n_vocab=int(value("specee.model.n_vocab")),
@@ -164,5 +245,6 @@ def read_predictor_file(path: str) -> PredictorFile:
         offline_layers=[int(x) for x in value("specee.offline_layers")],
         online_offsets=[int(x) for x in value("specee.online_offsets")], layers=layers,
         model_name=value("specee.model.name", ""), model_fingerprint=value("specee.model.fingerprint", ""),
-        drafter=value("specee.drafter", "ngram"), features=value("specee.features", FEATURES))
+        drafter=value("specee.drafter", "ngram"), features=value("specee.features", FEATURES),
+        head=head, path=path)
 

@@ -30,7 +30,8 @@ def test_tiny_bench_writes_a_well_formed_report(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out.json").read_text())
     names = [c["name"] for c in report["configs"]]
-    assert names == ["vanilla", "lookup speculative", "specee exact ngram verify 0.50", "specee mask ngram verify 0.50"]
+    # the shipped file carries a draft head: its configurations draft with it
+    assert names == ["vanilla", "lookup speculative", "specee exact head verify 0.50", "specee mask head verify 0.50"]
     assert report["settings"]["prompts"] == 2 and report["settings"]["threads"] == N_THREADS
     assert report["machine"]["llama_cpp_python"] == "0.3.36" and report["machine"]["specee_pc"] == specee_pc.__version__
     assert len(report["runs"]) == 2 * 2 * len(names)
@@ -45,8 +46,11 @@ def test_tiny_bench_writes_a_well_formed_report(tmp_path):
     # outputs are recorded, and a lossless configuration's differences are explained in the flags
     for flag in report["flags"]:
         assert flag["replay_identical"] is not False, flag
+    cost = report["draft_head_cost"]
+    assert cost["target_layer_ms"] > 0 and cost["draft_lm_head_ms"] > 0 and cost["draft_vocab"] > 0
+    assert cost["drafter_ms_per_token_max"] > 0 and cost["budget_ms"] == cost["target_layer_ms"] + cost["draft_lm_head_ms"]
     table = (tmp_path / "out.md").read_text()
-    assert table.count("\n| specee") == 2 + 2 and "speedup" in table
+    assert table.count("\n| specee") == 2 + 2 and "speedup" in table and "Draft head cost" in table
     assert (tmp_path / "out-threshold.png").stat().st_size > 0 and (tmp_path / "out-exit-layers.png").stat().st_size > 0
     assert "wrote" in result.stderr and not list(tmp_path.glob("*.part"))
 

@@ -127,6 +127,33 @@ def test_calibrate_end_to_end_and_resume(model_path, tmp_path):
     assert llm.exit_stats.steps > 0
 
 
+def test_calibrate_with_draft_head(model_path, tmp_path):
+    """--head trains a head, stores it with predictors trained on its candidates, and the file
+    then drafts with it by default."""
+    pytest.importorskip("torch")
+    data = tmp_path / "prompts" / "mixed"
+    data.mkdir(parents=True)
+    (data / "question.jsonl").write_text("".join(json.dumps({"question_id": i, "turns": [q]}) + "\n"
+                                                 for i, q in enumerate(QUESTIONS)))
+    out = tmp_path / "head.specee.gguf"
+    command = [sys.executable, "-m", "specee_pc.cli", "calibrate", model_path, "--data", str(tmp_path / "prompts"),
+               "-o", str(out), "--prompts", "4", "--held-out-per-set", "2", "--eval-prompts", "2", "-n", "12",
+               "--epochs", "2", "--hidden", "32", "--offline-layers", "4", "-t", "2", "--head", "--head-epochs", "1",
+               "--head-tokens", "12", "--head-vocab", "512", "--head-ff", "64"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "draft head: held-out top-4 hit rate" in done.stdout
+    predictors = read_predictor_file(str(out))
+    assert predictors.drafter == "head" and len(predictors.head.vocab) == 512 and predictors.head.n_ff == 64
+    report = json.loads((tmp_path / "head.specee.gguf.report.json").read_text())
+    assert 0 <= report["draft_head"]["native_top_k_hit_rate"] <= report["draft_head"]["vocab_coverage"] <= 1
+    assert len(os.listdir(tmp_path / "head.specee.gguf.calib" / "train-head")) == 4
+    llm = specee_pc.Llama(model_path, n_ctx=512, n_threads=2, verbose=False, predictor=str(out))
+    assert type(llm.exit_drafter).__name__ == "HeadDrafter"
+    llm.create_completion("Count from one to twenty: one, two, three,", max_tokens=24, temperature=0.0)
+    assert llm.exit_stats.candidate_steps > 0
+
+
 def test_held_out_split_keeps_first_prompts_of_each_set(tmp_path):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()

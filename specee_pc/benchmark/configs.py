@@ -26,7 +26,7 @@ class BenchConfig:
     lossless: bool   # claims the full model's greedy output: the report checks it against vanilla's
     llm: llama_cpp.Llama
     options: dict = field(default_factory=dict)  # what it was built with, for the report
-    drafter: str = ""  # specee: where its candidates come from ("ngram" or "draft")
+    drafter: str = ""  # specee: where its candidates come from ("ngram", "draft" or "head")
     draft_llm: Optional[llama_cpp.Llama] = None  # a draft model: its prompt processing is prompt time
 
     def prefill_draft(self, prompt_tokens: Sequence[int]) -> None:
@@ -46,7 +46,7 @@ class BenchModels:
     """The model files and runtime settings every configuration shares."""
 
     model: str
-    predictor: Optional[str] = "auto"  # "auto": the file shipped for the model; None: no specee configs
+    predictors: Sequence[str] = ("auto",)  # "auto": the file shipped for the model; none: no specee configs
     draft: Optional[str] = None
     n_ctx: int = 2048
     n_threads: int = 2
@@ -70,6 +70,14 @@ def resolve_predictor(predictor: str, model: str, weights) -> str:
 
 def specee_name(policy: str, drafter: str, rule: str, threshold: float) -> str:
     return f"specee {policy} {drafter} {rule} {threshold:.2f}"
+
+
+def file_drafters(predictor, models: BenchModels) -> List[str]:
+    """The drafters a predictor file is benchmarked with: the candidates it was trained on (its
+    draft head, or prompt lookup), and the draft model when one is given."""
+    if predictor.head is not None:
+        return ["head"]
+    return ["ngram"] + (["draft"] if models.draft else [])
 
 
 def build_configs(models: BenchModels, **choices) -> List[BenchConfig]:
@@ -107,18 +115,24 @@ def _add_configs(configs: List[BenchConfig], models: BenchModels, *, baselines: 
                                    llama_cpp.Llama(models.model, **common, logits_all=True, draft_model=drafter),
                                    {"drafter": models.draft, "num_pred_tokens": draft_tokens},
                                    draft_llm=drafter.model))
-    if not policies or models.predictor is None:
+    if not policies or not models.predictors:
         return
-    predictor_path = resolve_predictor(models.predictor, models.model, open_weights(models.model))
-    file_threshold = read_predictor_file(predictor_path).threshold
-    drafters = ["ngram"] + (["draft"] if models.draft else [])
+    weights = open_weights(models.model)
+    pairs = []  # (predictor path, drafter, its threshold), one file per drafter
+    for path in dict.fromkeys(resolve_predictor(p, models.model, weights) for p in models.predictors):
+        predictor = read_predictor_file(path)
+        predictor.check_model(weights, path, models.model)
+        for drafter in file_drafters(predictor, models):
+            if any(drafter == d for _, d in pairs):
+                raise SpeceeError(f"two predictor files for the {drafter} drafter: give one")
+            pairs.append((path, drafter, predictor.threshold))
     for policy in dict.fromkeys(policies):
-        for drafter in drafters:
+        for predictor_path, drafter, file_threshold in pairs:
             for rule in dict.fromkeys(rules):
                 for threshold in dict.fromkeys(file_threshold if t is None else t for t in thresholds):
                     llm = Llama(models.model, **common, offload_first_layers=models.offload_first,
                                 predictor=predictor_path, exit_rule=rule, exit_threshold=threshold,
-                                kv_policy=policy, drafter=models.draft if drafter == "draft" else "ngram")
+                                kv_policy=policy, drafter=models.draft if drafter == "draft" else drafter)
                     configs.append(BenchConfig(
                         specee_name(policy, drafter, rule, threshold), "specee", policy == "exact", llm,
                         {"kv_policy": policy, "drafter": drafter, "exit_rule": rule, "threshold": threshold,

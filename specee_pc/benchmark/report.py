@@ -148,6 +148,12 @@ def markdown(report: dict) -> str:
               "| configuration | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
     for c in report["configs"][1:]:
         lines.append(f"| {c['name']} | " + " | ".join(fmt(c["speedup_by_set"].get(x), ".3f") for x in sets) + " |")
+    cost = report.get("draft_head_cost")
+    if cost:
+        lines += ["", f"Draft head cost: {fmt(cost['drafter_ms_per_token_max'])} ms/token at most (the configurations' "
+                      f"drafter ms/tok) against a budget of one target layer ({fmt(cost['target_layer_ms'], '.3f')} ms) "
+                      f"plus the head's LM head over {cost['draft_vocab']} tokens ({fmt(cost['draft_lm_head_ms'], '.3f')} "
+                      f"ms) = {fmt(cost['budget_ms'], '.3f')} ms: {'within' if cost['within_budget'] else 'OVER'} budget."]
     if report["flags"]:
         lines += ["", f"**Flagged: {len(report['flags'])} outputs of lossless configurations differ from vanilla "
                       "greedy** (per prompt in the JSON's `flags`):", ""]
@@ -170,3 +176,12 @@ def flag_summary(found: Sequence[dict], n_prompts: int) -> List[str]:
         lines.append(f"- {name}: {len(mine)}/{n_prompts} outputs differ; {why}{gap}")
         lines += [f"  - WRONG on {f['prompt']}: {f['verdict']}" for f in wrong]
     return lines
+
+
+def draft_head_cost(entries: Sequence[dict], target_layer_ms: float, draft_lm_head_ms: float, draft_vocab: int) -> dict:
+    """The draft head's cost per token against its budget: one target layer plus its own LM head."""
+    drafter_ms = [e["exits"]["drafter_ms_per_token"] for e in entries if e["options"].get("drafter") == "head" and e.get("exits")]
+    budget = target_layer_ms + draft_lm_head_ms
+    worst = max(drafter_ms) if drafter_ms else None
+    return {"drafter_ms_per_token_max": worst, "target_layer_ms": target_layer_ms, "draft_lm_head_ms": draft_lm_head_ms,
+            "draft_vocab": draft_vocab, "budget_ms": budget, "within_budget": worst is not None and worst < budget}

@@ -33,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specee-pc bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", metavar="MODEL.gguf", help="target model (default: the embedded SmolLM2-135M)")
-    p.add_argument("--predictor", default="auto", metavar="FILE.gguf",
-                   help="predictor file for the specee configurations (default: the one shipped for the model)")
+    p.add_argument("--predictor", nargs="+", default=["auto"], metavar="FILE.gguf",
+                   help="predictor files for the specee configurations, each run with the candidates it was trained "
+                        "on: its draft head if it has one, else prompt lookup (and --draft); 'auto': the one "
+                        "shipped for the model (default: auto)")
     p.add_argument("--draft", metavar="DRAFT.gguf",
                    help="draft model sharing the vocabulary: adds draft-model speculative decoding and specee with "
                         "draft candidates")
@@ -88,19 +90,21 @@ def check_args(args) -> None:
             raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
 
 
-def measure_oracle(args, model: str, n_vocab: int, prompts, k: int) -> dict:
+def measure_oracle(args, model: str, weights, prompts, k: int, head_file: Optional[str]) -> dict:
     """Oracle exits of each drafter's candidates on the bench prompts, and the per-layer step times."""
     import numpy as np
 
-    from ..drafters import DraftModelDrafter, NgramDrafter
+    from ..drafters import DraftModelDrafter, HeadDrafter, NgramDrafter
     from ..oracle import oracle_exits, speed_bound, step_ms_by_exit_layer
 
     llama_kwargs = dict(n_gpu_layers=args.n_gpu_layers)
     step_ms = step_ms_by_exit_layer(model, args.threads, **llama_kwargs)
     drafters = {"ngram": NgramDrafter}
     if args.draft:
-        drafters["draft"] = lambda: DraftModelDrafter(args.draft, target_vocab=n_vocab, n_ctx=args.ctx_size,
+        drafters["draft"] = lambda: DraftModelDrafter(args.draft, target_vocab=weights.n_vocab, n_ctx=args.ctx_size,
                                                       n_threads=args.threads, n_gpu_layers=args.n_gpu_layers)
+    if head_file:
+        drafters["head"] = lambda: HeadDrafter(head_file, weights, n_ctx=args.ctx_size, n_threads=args.threads)
     result = {}
     for name, make in drafters.items():
         drafter = make()
@@ -145,10 +149,11 @@ def bench(args) -> int:
     from ..benchmark.configs import BenchModels, build_configs, close_configs
     from ..benchmark.machine import machine_info
     from ..benchmark.quality import check_outputs
-    from ..benchmark.report import flags, markdown, summarize
+    from ..benchmark.report import draft_head_cost, flags, markdown, summarize
     from ..calibration import chat_tokens
     from ..default_model import default_model_path
     from ..model_file import open_weights
+    from ..oracle import layer_ms
     from ..predictor_file import read_predictor_file
     from ..prompt_sets import first_prompts
     from ..replay import ReplayExits
@@ -157,7 +162,7 @@ def bench(args) -> int:
     model = args.model or default_model_path()
     weights = open_weights(model)
     prompts = first_prompts(args.sets, args.per_set)
-    models = BenchModels(model, predictor=args.predictor, draft=args.draft, n_ctx=args.ctx_size,
+    models = BenchModels(model, predictors=args.predictor, draft=args.draft, n_ctx=args.ctx_size,
                          n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, offload_first=args.offload_first)
     configs = build_configs(models, baselines=args.baselines, policies=args.policies, rules=args.rules,
                             thresholds=args.thresholds, lookup_tokens=args.lookup_tokens,
@@ -182,7 +187,13 @@ def bench(args) -> int:
                 replay.close()
         specee = [c for c in configs if c.kind == "specee"]
         k = read_predictor_file(specee[0].options["predictor"]).k if specee else 4
-        oracle = measure_oracle(args, model, weights.n_vocab, prompts, k) if args.oracle else None
+        head_files = [c.options["predictor"] for c in specee if c.drafter == "head"]
+        oracle = (measure_oracle(args, model, weights, prompts, k, head_files[0] if head_files else None)
+                  if args.oracle else None)
+        entries = summarize(configs, runs, checks, prompt_sets, weights.n_layer, oracle)
+        heads = [c.llm.exit_drafter.head for c in specee if c.drafter == "head"]
+        head_cost = (draft_head_cost(entries, layer_ms(model, args.threads, n_gpu_layers=args.n_gpu_layers),
+                                     heads[0].time_lm_head(), heads[0].n_draft_vocab) if heads else None)
         report = {
             "format": "specee-pc bench 1",
             "command": ["specee-pc", "bench"] + args.argv,
@@ -193,7 +204,8 @@ def bench(args) -> int:
                          "prompts": len(prompts), "n_new": args.n_predict, "runs": args.runs, "warmup": args.warmup,
                          "threads": args.threads, "n_ctx": args.ctx_size, "n_gpu_layers": args.n_gpu_layers,
                          "offload_first": args.offload_first},
-            "configs": summarize(configs, runs, checks, prompt_sets, weights.n_layer, oracle),
+            "configs": entries,
+            "draft_head_cost": head_cost,
             "flags": flags(checks, configs),
             "oracle": oracle,
             "prompts": [{"name": p.name, "tokens": len(tokens[p.name])} for p in prompts],

@@ -4,6 +4,10 @@ Decodes prompts greedily with the full model, records the predictor features of 
 candidates and the labels at every layer, trains one MLP per layer, picks the offline layers
 where exits concentrate, reports precision/recall on held-out prompts and writes the predictor
 file. Collection is saved per prompt and resumes after an interruption.
+
+With --head, an EAGLE-1 draft head is trained first (on every training prompt's greedy
+decoding, with the target's hidden states) and stored in the same file; the predictors then
+learn from its candidates, and it becomes the file's default drafter.
 """
 import argparse
 import json
@@ -15,7 +19,7 @@ from typing import List, Optional
 import numpy as np
 
 from ..errors import SpeceeError
-from ..predictor_file import PredictorFile, model_fingerprint, write_predictor_file
+from ..predictor_file import HEAD_TYPES, PredictorFile, model_fingerprint, write_predictor_file
 from ..prompt_sets import HELD_OUT_PER_SET, PROMPTS_DIR
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -45,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all usable)")
     p.add_argument("--work-dir", help="where collected records go (default: OUTPUT.calib/)")
     p.add_argument("--seed", type=int, default=0)
+    h = p.add_argument_group("draft head (--head)")
+    h.add_argument("--head", action="store_true", help="train an EAGLE-1 draft head and use its candidates")
+    h.add_argument("--head-vocab", type=int, default=4096,
+                   help="draft vocabulary: the N tokens the model emits most often (default: 4096)")
+    h.add_argument("--head-ff", type=int, default=0, help="head feed-forward size (default: half the model's)")
+    h.add_argument("--head-type", choices=HEAD_TYPES, default="q8_0", help="storage of its matrices (default: q8_0)")
+    h.add_argument("--head-epochs", type=int, default=10, help="default: 10")
+    h.add_argument("--head-lr", type=float, default=1e-3, help="default: 1e-3")
+    h.add_argument("--head-tokens", type=int, default=128, help="tokens decoded per prompt for its data (default: 128)")
     return p
 
 
@@ -69,8 +82,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               "(or pip install torch==2.13.0)", file=sys.stderr)
         return 1
     from ..calibration import collect, load_prompts, split_held_out
-    from ..drafters import DraftModelDrafter, NgramDrafter
+    from ..drafters import DraftModelDrafter, HeadDrafter, NgramDrafter
     from ..llama import Llama
+    from ..head_training import HeadOptions, native_hit_rate, train_draft_head
     from ..training import choose_offline_layers, evaluate, simulate_schedule, train_all
 
     output = args.output or os.path.splitext(args.model)[0] + ".specee.gguf"
@@ -84,16 +98,41 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise SpeceeError(f"need prompts both for training and held out; got {len(train_prompts)} and "
                               f"{len(held_out)} (lower --held-out-per-set or add prompts)")
         rng = np.random.default_rng(args.seed)
+        if args.head and args.draft:
+            raise SpeceeError("--head and --draft choose two drafters: give one")
+        head_train_prompts = train_prompts
         train_prompts = [train_prompts[i] for i in sorted(rng.permutation(len(train_prompts))[:args.prompts])]
         held_out = [held_out[i] for i in sorted(rng.permutation(len(held_out))[:args.eval_prompts])]
         llm = Llama(args.model, n_ctx=2048, n_threads=threads, verbose=False)
-        drafter = (DraftModelDrafter(args.draft, target_vocab=llm.weights.n_vocab, n_threads=threads)
-                   if args.draft else NgramDrafter())
+        head = head_report = None
+        records_suffix = ""
+        if args.head:
+            head_work = os.path.join(work_dir, "head")
+            options = HeadOptions(vocab_size=args.head_vocab, n_ff=args.head_ff, tensor_type=args.head_type,
+                                  epochs=args.head_epochs, lr=args.head_lr, tokens=args.head_tokens, k=args.k,
+                                  seed=args.seed)
+            head, head_report, held_traces = train_draft_head(llm, head_train_prompts, held_out, head_work, options)
+            head_file = os.path.join(head_work, "head.gguf")  # the head alone, for the native drafter
+            w = llm.weights
+            write_predictor_file(head_file, PredictorFile(w.arch, w.n_layer, w.n_embd, w.n_vocab, args.k, args.threshold,
+                                                          [], head=head))
+            drafter = HeadDrafter(head_file, w, n_ctx=2048, n_threads=threads)
+            head_report["native_top_k_hit_rate"] = native_hit_rate(drafter.head, w, held_traces, args.k)
+            print(f"draft head: held-out top-{args.k} hit rate {head_report[f'top{args.k}']:.3f} (torch), "
+                  f"{head_report['native_top_k_hit_rate']:.3f} (native, {args.head_type}); "
+                  f"vocabulary covers {head_report['vocab_coverage']:.3f} of the greedy tokens")
+            llm.feed_hidden_states(drafter)
+            records_suffix = "-head"
+        elif args.draft:
+            drafter = DraftModelDrafter(args.draft, target_vocab=llm.weights.n_vocab, n_threads=threads)
+        else:
+            drafter = NgramDrafter()
         start = time.perf_counter()
-        train = collect(llm, drafter, train_prompts, os.path.join(work_dir, "train"), args.tokens, args.k,
-                        "collecting (train)")
-        evaluation = collect(llm, drafter, held_out, os.path.join(work_dir, "held-out"), args.tokens, args.k,
-                             "collecting (held-out)")
+        train = collect(llm, drafter, train_prompts, os.path.join(work_dir, "train" + records_suffix), args.tokens,
+                        args.k, "collecting (train)")
+        evaluation = collect(llm, drafter, held_out, os.path.join(work_dir, "held-out" + records_suffix), args.tokens,
+                             args.k, "collecting (held-out)")
+        llm.feed_hidden_states(None)
         collected = time.perf_counter() - start
         n_layer = llm.weights.n_layer
         offline = choose_offline_layers(train, args.offline_layers)
@@ -105,7 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         write_predictor_file(output, PredictorFile(
             w.arch, w.n_layer, w.n_embd, w.n_vocab, args.k, args.threshold, offline, [-2, 0, 2], predictors,
             model_name=os.path.basename(args.model), model_fingerprint=model_fingerprint(w),
-            drafter=os.path.basename(args.draft) if args.draft else "ngram"))
+            drafter="head" if head else os.path.basename(args.draft) if args.draft else "ngram", head=head))
     except (SpeceeError, ValueError) as e:
         print(f"specee-pc: error: {e}", file=sys.stderr)
         return 1
@@ -118,6 +157,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         json.dump({"train_steps": int(len(train.label)), "held_out_steps": int(len(evaluation.label)),
                    "candidate_hit_rate": float(evaluation.cand_hit.mean()), "offline_layers": offline,
                    "collection_seconds": round(collected, 1), "layers": [m.__dict__ for m in metrics],
+                   "draft_head": head_report,
                    "thresholds": [{"threshold": t, "exit_ratio": r, "agreement": a, "mean_layers": l}
                                   for t, (r, a, l) in simulated]}, f, indent=1)
     print(f"wrote {output} ({len(train.label)} training steps, offline layers {offline}; "

@@ -31,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=40, metavar="N", help="items per task, the first ones (default: 40)")
     p.add_argument("--predictor", default="auto", metavar="FILE.gguf",
                    help="predictor file (default: the one shipped for the model)")
-    p.add_argument("--draft", metavar="DRAFT.gguf", help="candidates from this draft model (default: prompt lookup)")
+    p.add_argument("--draft", metavar="DRAFT.gguf", help="candidates from this draft model (instead of --drafter)")
+    p.add_argument("--drafter", choices=["auto", "head", "ngram"], default="auto",
+                   help="candidates from the predictor file's draft head, or prompt lookup (ngram); auto: the head "
+                        "when the file has one (default)")
     p.add_argument("--policies", type=name_list, default=["exact", "mask"], metavar="P1,P2",
                    help="KV policies to evaluate with early exit (default: exact,mask)")
     p.add_argument("--exit-rule", choices=["verify", "candidates"], default="verify", help="(default: verify)")
@@ -190,7 +193,7 @@ def evaluate(args) -> int:
         for policy in args.policies:
             configs[f"specee {policy}"] = Llama(model, **common, predictor=predictor, kv_policy=policy,
                                                 exit_rule=args.exit_rule, exit_threshold=args.threshold,
-                                                drafter=args.draft or "ngram")
+                                                drafter=args.draft or args.drafter)
         for task, task_items in items.items():
             def progress(xs, task=task):
                 return tqdm(xs, desc=task, unit="item")

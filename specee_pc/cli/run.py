@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     exits.add_argument("--no-exit", action="store_true", help="decode with the full model only")
     exits.add_argument("--draft", metavar="MODEL.gguf",
                        help="draft model sharing the target's vocabulary: its top-k are the candidates "
-                            "(default: prompt lookup over the context)")
+                            "(instead of --drafter)")
+    exits.add_argument("--drafter", choices=["auto", "head", "ngram"], default="auto",
+                       help="candidates from the predictor file's EAGLE draft head, or prompt lookup over the "
+                            "context (ngram); auto: the head when the file has one (default)")
     exits.add_argument("--exit-rule", choices=["verify", "candidates"], default="verify",
                        help="verify: full LM head at the exit, exit only if its argmax is a candidate (SpecEE); "
                             "candidates: emit the best candidate without the full LM head (default: verify)")
@@ -152,7 +155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         llm = Llama(model, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                     offload_first_layers=args.offload_first,
                     seed=args.seed if args.seed >= 0 else 0xFFFFFFFF, verbose=args.verbose,
-                    predictor=None if args.no_exit else args.predictor, drafter=args.draft or "ngram",
+                    predictor=None if args.no_exit else args.predictor, drafter=args.draft or args.drafter,
                     exit_rule=args.exit_rule, exit_threshold=args.threshold,
                     kv_policy=args.kv_policy, force_exit_layers=[] if args.no_exit else args.force_exit_layers)
         if args.prompt is None:

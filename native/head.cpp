@@ -1,0 +1,367 @@
+// specee_head: an EAGLE-1 draft head run with ggml (see specee.h).
+//
+// Row j of the head reads the target's normed final hidden state at position j (the feature)
+// and the embedding of the token at j + 1, and predicts the feature at j + 1; its logits over
+// the draft vocabulary are the candidates for the token at j + 2. One decoder layer (no input
+// norm, as EAGLE-1), its own KV cache over positions, the target's LM-head rows for the draft
+// vocabulary copied as stored.
+#include "specee.h"
+
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+#include "ggml.h"
+#include "gguf.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int GRAPH_SIZE = 256;
+constexpr int32_t MAX_ROWS = 256; // rows per graph: bounds the [len, rows, n_head] attention scores
+
+const char * const WEIGHT_NAMES[] = {
+    "head.fc.weight",        "head.fc.bias",          "head.attn_q.weight",  "head.attn_k.weight",
+    "head.attn_v.weight",    "head.attn_output.weight", "head.ffn_norm.weight", "head.ffn_gate.weight",
+    "head.ffn_up.weight",    "head.ffn_down.weight",
+};
+enum weight_index { FC_W, FC_B, WQ, WK, WV, WO, FFN_NORM, W_GATE, W_UP, W_DOWN, N_WEIGHTS };
+
+struct head_error {
+    std::string msg;
+};
+
+[[noreturn]] void fail(const std::string & msg) {
+    throw head_error{msg};
+}
+
+uint32_t get_u32(const gguf_context * g, const char * key) {
+    const int64_t id = gguf_find_key(g, key);
+    if (id < 0 || gguf_get_kv_type(g, id) != GGUF_TYPE_UINT32) fail(std::string("no draft head in this file (no ") + key + ")");
+    return gguf_get_val_u32(g, id);
+}
+
+float get_f32(const gguf_context * g, const char * key) {
+    const int64_t id = gguf_find_key(g, key);
+    if (id < 0 || gguf_get_kv_type(g, id) != GGUF_TYPE_FLOAT32) fail(std::string("no draft head in this file (no ") + key + ")");
+    return gguf_get_val_f32(g, id);
+}
+
+} // namespace
+
+struct specee_head {
+    const specee_weights * target = nullptr;
+    specee_head_info       info{};
+    int32_t                n_ctx = 0;
+
+    ggml_backend_t        backend = nullptr;
+    ggml_threadpool_t     threadpool = nullptr; // CPU: kept across proposals (no thread start per graph)
+    ggml_context *        ctx_w   = nullptr; // weights, KV cache
+    ggml_backend_buffer_t buf_w   = nullptr;
+    ggml_gallocr_t        galloc  = nullptr;
+    ggml_tensor *         w[N_WEIGHTS] = {};
+    ggml_tensor *         lm_rows = nullptr; // [n_embd, n_draft_vocab], the target's type
+    ggml_tensor *         k_cache = nullptr; // [n_head_kv * head_dim, n_ctx]
+    ggml_tensor *         v_cache = nullptr;
+    std::vector<int32_t>  vocab;             // draft id -> target id
+
+    std::vector<float>   features;    // [n_ctx][n_embd] normed target hidden states by position
+    std::vector<uint8_t> have;        // [n_ctx]
+    std::vector<int32_t> cache_tokens; // token of each cached row (row j holds token j + 1)
+    std::vector<float>   logits;      // last row's draft-vocabulary logits
+};
+
+namespace {
+
+void load_weights(specee_head * h, const char * path) {
+    ggml_context * meta = nullptr;
+    gguf_context * g = gguf_init_from_file(path, gguf_init_params{/*no_alloc =*/ true, /*ctx =*/ &meta});
+    if (!g) fail("not a readable GGUF file");
+    FILE * f = nullptr;
+    try {
+        specee_head_info & in = h->info;
+        in.n_embd         = specee_weights_get_info(h->target).n_embd;
+        in.n_head         = (int32_t) get_u32(g, "specee.head.n_head");
+        in.n_head_kv      = (int32_t) get_u32(g, "specee.head.n_head_kv");
+        in.head_dim       = (int32_t) get_u32(g, "specee.head.head_dim");
+        in.n_ff           = (int32_t) get_u32(g, "specee.head.n_ff");
+        in.rope_freq_base = get_f32(g, "specee.head.rope_freq_base");
+        in.norm_eps       = get_f32(g, "specee.head.norm_eps");
+        if (in.n_head <= 0 || in.n_head_kv <= 0 || in.n_head % in.n_head_kv != 0 || in.head_dim <= 0 || in.head_dim % 2 != 0) {
+            fail("draft head has a bad attention shape");
+        }
+        const int64_t d = in.n_embd, q = (int64_t) in.n_head * in.head_dim, kv = (int64_t) in.n_head_kv * in.head_dim, ff = in.n_ff;
+        const int64_t shapes[N_WEIGHTS][2] = {{2 * d, d}, {d, 1}, {d, q}, {d, kv}, {d, kv}, {q, d}, {d, 1}, {d, ff}, {d, ff}, {ff, d}};
+
+        const ggml_tensor * vocab_t = ggml_get_tensor(meta, "head.vocab");
+        if (!vocab_t || vocab_t->type != GGML_TYPE_I32 || ggml_n_dims(vocab_t) != 1) fail("draft head has no head.vocab (i32)");
+        in.n_draft_vocab = (int32_t) vocab_t->ne[0];
+
+        h->ctx_w = ggml_init(ggml_init_params{ggml_tensor_overhead() * (N_WEIGHTS + 4), nullptr, /*no_alloc =*/ true});
+        const ggml_tensor * src[N_WEIGHTS];
+        for (int i = 0; i < N_WEIGHTS; ++i) {
+            src[i] = ggml_get_tensor(meta, WEIGHT_NAMES[i]);
+            if (!src[i]) fail(std::string("draft head has no ") + WEIGHT_NAMES[i]);
+            if (src[i]->ne[0] != shapes[i][0] || ggml_nrows(src[i]) != shapes[i][1]) {
+                fail(std::string("draft head tensor ") + WEIGHT_NAMES[i] + " has the wrong shape for this model");
+            }
+            h->w[i] = ggml_new_tensor_2d(h->ctx_w, src[i]->type, shapes[i][0], shapes[i][1]);
+        }
+        const ggml_type lm_type = (ggml_type) specee_weights_lm_head_ggml_type(h->target);
+        h->lm_rows = ggml_new_tensor_2d(h->ctx_w, lm_type, d, in.n_draft_vocab);
+        h->k_cache = ggml_new_tensor_2d(h->ctx_w, GGML_TYPE_F32, kv, h->n_ctx);
+        h->v_cache = ggml_new_tensor_2d(h->ctx_w, GGML_TYPE_F32, kv, h->n_ctx);
+        h->buf_w = ggml_backend_alloc_ctx_tensors(h->ctx_w, h->backend);
+        if (!h->buf_w) fail("cannot allocate the draft head's weights");
+        ggml_backend_buffer_clear(h->buf_w, 0);
+
+        // tensor data from the file
+        f = fopen(path, "rb");
+        if (!f) fail("cannot open the file");
+        const size_t data_offset = gguf_get_data_offset(g);
+        auto read = [&](const char * name, void * dst, size_t size) {
+            const int64_t id = gguf_find_tensor(g, name);
+            if (gguf_get_tensor_size(g, id) != size) fail(std::string("draft head tensor ") + name + " has an unexpected size");
+            if (fseek(f, (long) (data_offset + gguf_get_tensor_offset(g, id)), SEEK_SET) != 0 || fread(dst, 1, size, f) != size) {
+                fail(std::string("truncated file: cannot read ") + name);
+            }
+        };
+        std::vector<uint8_t> bytes;
+        for (int i = 0; i < N_WEIGHTS; ++i) {
+            bytes.resize(ggml_nbytes(h->w[i]));
+            read(WEIGHT_NAMES[i], bytes.data(), bytes.size());
+            ggml_backend_tensor_set(h->w[i], bytes.data(), 0, bytes.size());
+        }
+        h->vocab.resize(in.n_draft_vocab);
+        read("head.vocab", h->vocab.data(), h->vocab.size() * sizeof(int32_t));
+        bytes.resize(ggml_nbytes(h->lm_rows));
+        if (!specee_weights_lm_head_rows_raw(h->target, h->vocab.data(), in.n_draft_vocab, bytes.data())) {
+            fail("draft head vocabulary has token ids outside the model's vocabulary");
+        }
+        ggml_backend_tensor_set(h->lm_rows, bytes.data(), 0, bytes.size());
+        fclose(f);
+        f = nullptr;
+    } catch (...) {
+        if (f) fclose(f);
+        gguf_free(g);
+        ggml_free(meta);
+        throw;
+    }
+    gguf_free(g);
+    ggml_free(meta);
+}
+
+struct head_inputs {
+    ggml_tensor * embd, * feat, * pos, * mask;
+};
+
+// The graph of rows [p0, p0 + n): writes their K/V into the cache, returns the hidden states
+// [n_embd, n] (out_hidden) and logits [n_draft_vocab, n or 1] (out_logits).
+ggml_cgraph * build_graph(specee_head * h, ggml_context * ctx, int32_t p0, int32_t n, bool all_logits, head_inputs & in,
+                          ggml_tensor ** out_hidden, ggml_tensor ** out_logits) {
+    const specee_head_info & hi = h->info;
+    const int64_t d = hi.n_embd, hd = hi.head_dim, kv = (int64_t) hi.n_head_kv * hd, n_kv_len = p0 + n;
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, GRAPH_SIZE, false);
+
+    in.embd = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, d, n);
+    in.feat = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, d, n);
+    in.pos  = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+    in.mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv_len, n);
+    for (ggml_tensor * t : {in.embd, in.feat, in.pos, in.mask}) ggml_set_input(t);
+
+    // fc: [embedding of the next token, feature] -> d (EAGLE's order)
+    ggml_tensor * x = ggml_add(ctx, ggml_mul_mat(ctx, h->w[FC_W], ggml_concat(ctx, in.embd, in.feat, 0)), h->w[FC_B]);
+
+    // attention, no input norm; rope as GPT-NeoX (rotate halves)
+    ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, h->w[WQ], x), hd, hi.n_head, n);
+    ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, h->w[WK], x), hd, hi.n_head_kv, n);
+    ggml_tensor * v = ggml_mul_mat(ctx, h->w[WV], x);
+    q = ggml_rope_ext(ctx, q, in.pos, nullptr, (int) hd, GGML_ROPE_TYPE_NEOX, 0, hi.rope_freq_base, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
+    k = ggml_rope_ext(ctx, k, in.pos, nullptr, (int) hd, GGML_ROPE_TYPE_NEOX, 0, hi.rope_freq_base, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
+
+    // this batch's K/V into the cache first (the graph runs in order), then attend over it
+    ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, k, kv, n),
+                                           ggml_view_2d(ctx, h->k_cache, kv, n, h->k_cache->nb[1], (size_t) p0 * h->k_cache->nb[1])));
+    ggml_build_forward_expand(gf, ggml_cpy(ctx, v, ggml_view_2d(ctx, h->v_cache, kv, n, h->v_cache->nb[1], (size_t) p0 * h->v_cache->nb[1])));
+    ggml_tensor * K = ggml_view_3d(ctx, h->k_cache, hd, hi.n_head_kv, n_kv_len, hd * sizeof(float), h->k_cache->nb[1], 0);
+    ggml_tensor * V = ggml_view_3d(ctx, h->v_cache, hd, hi.n_head_kv, n_kv_len, hd * sizeof(float), h->v_cache->nb[1], 0);
+    ggml_tensor * kq = ggml_mul_mat(ctx, ggml_permute(ctx, K, 0, 2, 1, 3), ggml_permute(ctx, q, 0, 2, 1, 3)); // [len, n, n_head]
+    kq = ggml_soft_max_ext(ctx, kq, in.mask, 1.0f / sqrtf((float) hd), 0.0f);
+    ggml_tensor * kqv = ggml_mul_mat(ctx, ggml_cont(ctx, ggml_permute(ctx, V, 1, 2, 0, 3)), kq);        // [hd, n, n_head]
+    ggml_tensor * attn = ggml_reshape_2d(ctx, ggml_cont(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3)), hd * hi.n_head, n);
+    x = ggml_add(ctx, x, ggml_mul_mat(ctx, h->w[WO], attn));
+
+    // SwiGLU MLP with pre-norm
+    ggml_tensor * xn = ggml_mul(ctx, ggml_rms_norm(ctx, x, hi.norm_eps), h->w[FFN_NORM]);
+    ggml_tensor * ff = ggml_mul(ctx, ggml_silu(ctx, ggml_mul_mat(ctx, h->w[W_GATE], xn)), ggml_mul_mat(ctx, h->w[W_UP], xn));
+    x = ggml_add(ctx, x, ggml_mul_mat(ctx, h->w[W_DOWN], ff));
+
+    ggml_tensor * last = all_logits ? x : ggml_view_2d(ctx, x, d, 1, x->nb[1], (size_t) (n - 1) * x->nb[1]);
+    *out_hidden = x;
+    *out_logits = ggml_mul_mat(ctx, h->lm_rows, last);
+    ggml_set_output(*out_hidden);
+    ggml_set_output(*out_logits);
+    ggml_build_forward_expand(gf, *out_hidden);
+    ggml_build_forward_expand(gf, *out_logits);
+    return gf;
+}
+
+// Runs rows [p0, p0 + n) over the stored features and tokens[p0 + 1 ..]; false on a missing
+// feature or allocation failure. Copies hidden states / logits out when asked.
+bool run_rows(specee_head * h, const int32_t * tokens, int32_t p0, int32_t n, float * out_hidden, float * out_logits, bool all_logits) {
+    const int32_t d = h->info.n_embd;
+    for (int32_t j = p0; j < p0 + n; ++j) {
+        if (!h->have[j]) return false;
+    }
+    std::vector<uint8_t> meta(ggml_tensor_overhead() * GRAPH_SIZE + ggml_graph_overhead_custom(GRAPH_SIZE, false));
+    ggml_context * ctx = ggml_init(ggml_init_params{meta.size(), meta.data(), /*no_alloc =*/ true});
+    head_inputs in{};
+    ggml_tensor * hidden = nullptr, * logits = nullptr;
+    ggml_cgraph * gf = build_graph(h, ctx, p0, n, all_logits, in, &hidden, &logits);
+    bool ok = ggml_gallocr_alloc_graph(h->galloc, gf);
+    if (ok) {
+        std::vector<float> embd((size_t) n * d);
+        ok = specee_weights_embd_rows(h->target, tokens + p0 + 1, n, embd.data());
+        if (ok) {
+            std::vector<int32_t> pos(n);
+            std::iota(pos.begin(), pos.end(), p0);
+            const int32_t len = p0 + n;
+            std::vector<float> mask((size_t) len * n, 0.0f);
+            for (int32_t i = 0; i < n; ++i) {
+                std::fill(mask.begin() + (size_t) i * len + p0 + i + 1, mask.begin() + (size_t) (i + 1) * len, -INFINITY);
+            }
+            ggml_backend_tensor_set(in.embd, embd.data(), 0, ggml_nbytes(in.embd));
+            ggml_backend_tensor_set(in.feat, h->features.data() + (size_t) p0 * d, 0, ggml_nbytes(in.feat));
+            ggml_backend_tensor_set(in.pos, pos.data(), 0, ggml_nbytes(in.pos));
+            ggml_backend_tensor_set(in.mask, mask.data(), 0, ggml_nbytes(in.mask));
+            ok = ggml_backend_graph_compute(h->backend, gf) == GGML_STATUS_SUCCESS;
+        }
+    }
+    if (ok) {
+        if (out_hidden) ggml_backend_tensor_get(hidden, out_hidden, 0, ggml_nbytes(hidden));
+        ggml_backend_tensor_get(logits, out_logits ? out_logits : h->logits.data(), 0, ggml_nbytes(logits));
+        h->cache_tokens.resize(p0);
+        h->cache_tokens.insert(h->cache_tokens.end(), tokens + p0 + 1, tokens + p0 + n + 1);
+    }
+    ggml_free(ctx);
+    return ok;
+}
+
+} // namespace
+
+specee_head * specee_head_init_from_file(const char * path, const specee_weights * target, int32_t n_ctx, int32_t n_threads,
+                                         bool gpu, char * err, size_t err_size) {
+    auto * h = new specee_head();
+    h->target = target;
+    h->n_ctx  = std::max(2, n_ctx);
+    try {
+        ggml_backend_dev_t dev = gpu ? ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU) : nullptr;
+        h->backend = dev ? ggml_backend_dev_init(dev, nullptr) : ggml_backend_cpu_init();
+        if (!h->backend) fail("cannot start a ggml backend for the draft head");
+        if (!dev) {
+            ggml_threadpool_params params = ggml_threadpool_params_default(std::max(1, n_threads));
+            params.poll = 0; // sleep between proposals: llama.cpp's own workers need the cores then
+            h->threadpool = ggml_threadpool_new(&params);
+            if (!h->threadpool) fail("cannot start the draft head's threads");
+            ggml_backend_cpu_set_n_threads(h->backend, std::max(1, n_threads));
+            ggml_backend_cpu_set_threadpool(h->backend, h->threadpool);
+        }
+        load_weights(h, path);
+        h->galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(h->backend));
+        h->features.assign((size_t) h->n_ctx * h->info.n_embd, 0.0f);
+        h->have.assign(h->n_ctx, 0);
+        h->logits.resize(h->info.n_draft_vocab);
+        return h;
+    } catch (const head_error & e) {
+        if (err && err_size > 0) snprintf(err, err_size, "%s", e.msg.c_str());
+    }
+    specee_head_free(h);
+    return nullptr;
+}
+
+void specee_head_free(specee_head * h) {
+    if (!h) return;
+    if (h->galloc) ggml_gallocr_free(h->galloc);
+    if (h->buf_w) ggml_backend_buffer_free(h->buf_w);
+    if (h->ctx_w) ggml_free(h->ctx_w);
+    if (h->backend) ggml_backend_free(h->backend);
+    if (h->threadpool) ggml_threadpool_free(h->threadpool);
+    delete h;
+}
+
+specee_head_info specee_head_get_info(const specee_head * h) {
+    return h->info;
+}
+
+const int32_t * specee_head_vocab(const specee_head * h) {
+    return h->vocab.data();
+}
+
+bool specee_head_set_features(specee_head * h, int32_t pos, int32_t n, const float * hidden) {
+    if (pos < 0 || n < 0 || pos + n > h->n_ctx) return false;
+    const int32_t d = h->info.n_embd;
+    for (int32_t i = 0; i < n; ++i) {
+        specee_weights_final_norm(h->target, hidden + (size_t) i * d, h->features.data() + (size_t) (pos + i) * d);
+        h->have[pos + i] = 1;
+    }
+    // cached rows from pos on read old features
+    if ((int32_t) h->cache_tokens.size() > pos) h->cache_tokens.resize(pos);
+    return true;
+}
+
+int32_t specee_head_propose(specee_head * h, const int32_t * tokens, int32_t n, int32_t k, int32_t * out) {
+    if (n < 2 || n > h->n_ctx || k <= 0) return 0;
+    // rows whose token still matches the context stay cached (a rollback drops the rest)
+    const int32_t n_rows = n - 1;
+    int32_t keep = 0;
+    const int32_t limit = std::min<int32_t>((int32_t) h->cache_tokens.size(), n_rows - 1); // recompute the last row: its logits
+    while (keep < limit && h->cache_tokens[keep] == tokens[keep + 1]) ++keep;
+    for (int32_t p0 = keep; p0 < n_rows; p0 += MAX_ROWS) {
+        if (!run_rows(h, tokens, p0, std::min(MAX_ROWS, n_rows - p0), nullptr, nullptr, false)) return 0;
+    }
+    k = std::min(k, h->info.n_draft_vocab);
+    std::vector<int32_t> order(h->info.n_draft_vocab);
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                      [&](int32_t a, int32_t b) { return h->logits[a] > h->logits[b]; });
+    for (int32_t i = 0; i < k; ++i) out[i] = h->vocab[order[i]];
+    return k;
+}
+
+bool specee_head_forward(specee_head * h, const int32_t * tokens, int32_t n, float * out_hidden, float * out_logits) {
+    if (n < 2 || n > h->n_ctx) return false;
+    h->cache_tokens.clear();
+    return run_rows(h, tokens, 0, n - 1, out_hidden, out_logits, true);
+}
+
+double specee_head_time_lm_head(specee_head * h, int32_t n_runs) {
+    std::vector<uint8_t> meta(ggml_tensor_overhead() * 8 + ggml_graph_overhead_custom(8, false));
+    ggml_context * ctx = ggml_init(ggml_init_params{meta.size(), meta.data(), /*no_alloc =*/ true});
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, 8, false);
+    ggml_tensor * x = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, h->info.n_embd);
+    ggml_set_input(x);
+    ggml_tensor * logits = ggml_mul_mat(ctx, h->lm_rows, x);
+    ggml_set_output(logits);
+    ggml_build_forward_expand(gf, logits);
+    std::vector<double> ms;
+    if (ggml_gallocr_alloc_graph(h->galloc, gf)) {
+        std::vector<float> ones(h->info.n_embd, 1.0f);
+        ggml_backend_tensor_set(x, ones.data(), 0, ggml_nbytes(x));
+        for (int32_t i = 0; i < std::max(1, n_runs); ++i) {
+            const auto t0 = std::chrono::steady_clock::now();
+            ggml_backend_graph_compute(h->backend, gf);
+            ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+        }
+    }
+    ggml_free(ctx);
+    if (ms.empty()) return -1.0;
+    std::nth_element(ms.begin(), ms.begin() + ms.size() / 2, ms.end());
+    return ms[ms.size() / 2];
+}

@@ -1,0 +1,321 @@
+"""Training the EAGLE-1 draft head: data from the target's own decoding, torch training, hit rates.
+
+Data: for each prompt the full model decodes greedily while Llama feeds a recorder the
+residual stream after its last layer at every position (prompt included); each prompt's
+sequence goes to its own .npz shard as soon as it is done, so an interrupted run resumes.
+Training (EAGLE-1): row j reads (f_j, embedding of token j+1) and must predict f_{j+1}
+(smooth-L1) and the target's greedy token after it (cross-entropy over the draft vocabulary,
+weight 0.1); input features get uniform noise, as EAGLE's.
+"""
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence
+
+import llama_cpp
+import numpy as np
+
+from .calibration import Prompt, chat_tokens
+
+MAX_ROWS = 1024       # rows per training sequence (longer prompts keep their end)
+TOKENS_PER_BATCH = 4096
+
+
+class FeatureRecorder:
+    """A feature sink (Llama.feed_hidden_states) that keeps every position's hidden state."""
+
+    def __init__(self, n_ctx: int, n_embd: int):
+        self.hidden = np.zeros((n_ctx, n_embd), np.float32)
+        self.n = 0
+
+    def set_features(self, position: int, hidden: np.ndarray) -> None:
+        self.hidden[position:position + len(hidden)] = hidden
+        self.n = max(self.n, position + len(hidden))
+
+
+@dataclass
+class Trace:
+    tokens: np.ndarray   # [T] int32: prompt then greedy output
+    hidden: np.ndarray   # [T-1, d] float16: residual stream after the last layer at positions 0..T-2
+    n_prompt: int
+
+
+def record_sequence(llm, prompt_tokens: Sequence[int], n_new: int) -> Trace:
+    """Greedy decode of up to n_new tokens by the full model, keeping every position's state."""
+    if llm.exit_stats is not None:
+        raise ValueError("head data comes from the full model: configure_exits() off first")
+    recorder = FeatureRecorder(llm.n_ctx(), llm.weights.n_embd)
+    llm.feed_hidden_states(recorder)
+    tokens = list(prompt_tokens)
+    try:
+        for i, token in enumerate(llm.generate(prompt_tokens, temp=0.0)):
+            tokens.append(token)
+            if i + 1 == n_new or llama_cpp.llama_vocab_is_eog(llm._model.vocab, token) or len(tokens) >= llm.n_ctx():
+                break
+    finally:
+        llm.feed_hidden_states(None)
+    n = len(tokens) - 1  # the last token was emitted, never decoded
+    if recorder.n < n:
+        raise RuntimeError(f"hidden states missing: {recorder.n} of {n} positions recorded")
+    return Trace(np.asarray(tokens, np.int32), recorder.hidden[:n].astype(np.float16), len(prompt_tokens))
+
+
+def collect_sequences(llm, prompts: Sequence[Prompt], work_dir: str, n_new: int,
+                      description: str = "head data") -> List[Trace]:
+    """Record every prompt not already in work_dir, then return all of them."""
+    from tqdm import tqdm
+
+    os.makedirs(work_dir, exist_ok=True)
+    path = lambda p: os.path.join(work_dir, f"{p.name}.npz")  # noqa: E731
+    todo = [p for p in prompts if not os.path.exists(path(p))]
+    for prompt in tqdm(todo, desc=description, unit="prompt", initial=len(prompts) - len(todo), total=len(prompts)):
+        tokens = chat_tokens(llm, prompt.text)
+        if len(tokens) + 2 > llm.n_ctx():
+            tokens = tokens[-(llm.n_ctx() // 2):]  # keep the end: the chat template's assistant turn
+        seq = record_sequence(llm, tokens, n_new)
+        tmp = path(prompt) + ".part.npz"
+        np.savez(tmp, tokens=seq.tokens, hidden=seq.hidden, n_prompt=seq.n_prompt)
+        os.replace(tmp, path(prompt))
+    sequences = []
+    for p in prompts:
+        with np.load(path(p)) as f:
+            sequences.append(Trace(f["tokens"], f["hidden"], int(f["n_prompt"])))
+    return sequences
+
+
+def final_norm(weights, hidden: np.ndarray) -> np.ndarray:
+    """The target's final RMSNorm on rows [n, d] (float32), as the native head applies it."""
+    h = hidden.astype(np.float32)
+    scale = 1.0 / np.sqrt(np.mean(h.astype(np.float64) ** 2, axis=1, keepdims=True) + weights.norm_eps)
+    return (h * scale.astype(np.float32)) * weights.output_norm()
+
+
+@dataclass
+class Rows:
+    """One sequence as head training rows j = 0..R-1."""
+    feat: np.ndarray    # [R+1, d] normed features f_0..f_R (input rows 0..R-1, targets 1..R)
+    embd: np.ndarray    # [R, d] embeddings of tokens 1..R
+    label: np.ndarray   # [R] target's greedy token after f_{j+1}
+    generated: np.ndarray  # [R] bool: that token is one the model generated (what decoding drafts)
+
+
+def greedy_labels(weights, feat: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """argmax of the target's full LM head on normed features, in chunks of rows."""
+    import torch
+
+    lm = torch.from_numpy(weights.lm_head_rows(list(range(weights.n_vocab))))
+    out = []
+    for i in range(0, len(feat), chunk):
+        out.append((torch.from_numpy(feat[i:i + chunk]) @ lm.T).argmax(1).numpy())
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def build_rows(weights, sequences: Sequence[Trace]) -> List[Rows]:
+    out = []
+    for seq in sequences:
+        if len(seq.hidden) < 2:
+            continue
+        feat = final_norm(weights, seq.hidden)
+        start = max(0, len(feat) - 1 - MAX_ROWS)  # positions are relative: a cut sequence is still a sequence
+        feat = feat[start:]
+        tokens = seq.tokens[start:]
+        n_rows = len(feat) - 1
+        # the token after f_{j+1}: the one decoding emitted where it generated, else the LM head's argmax
+        generated = np.arange(start, start + n_rows) + 2 >= seq.n_prompt
+        label = np.where(generated, tokens[np.minimum(np.arange(n_rows) + 2, len(tokens) - 1)],
+                         greedy_labels(weights, feat[1:]))
+        out.append(Rows(feat, weights.embd_rows(tokens[1:n_rows + 1].tolist()), label, generated))
+    return out
+
+
+def choose_vocab(rows: Sequence[Rows], n_vocab: int, size: int, always: Iterable[int] = ()) -> np.ndarray:
+    """The `size` tokens the target emits most often in these rows (and `always`), sorted ids."""
+    counts = np.zeros(n_vocab, np.int64)
+    for r in rows:
+        np.add.at(counts, r.label, 1)
+    for t in always:
+        counts[t] = counts.max() + 1
+    order = np.argsort(-counts, kind="stable")[:min(size, n_vocab)]
+    return np.sort(order).astype(np.int32)
+
+
+@dataclass
+class HitRates:
+    top1: float
+    topk: float        # target's greedy token among the head's top k
+    coverage: float    # ... in the draft vocabulary at all (the bound on topk)
+    steps: int
+
+
+def hit_rates(model, rows: Sequence[Rows], vocab: np.ndarray, k: int, generated_only: bool = True) -> HitRates:
+    import torch
+
+    index = np.full(int(vocab.max()) + 1 if len(vocab) else 1, -1)
+    index[vocab] = np.arange(len(vocab))
+    top1 = topk = covered = steps = 0
+    model.eval()
+    with torch.no_grad():
+        for r in rows:
+            _, logits = model(torch.from_numpy(r.embd)[None], torch.from_numpy(r.feat[:-1])[None])
+            best = torch.topk(logits[0], k, dim=-1).indices.numpy()                     # [R, k] draft ids
+            want = np.where(r.label < len(index), index[np.minimum(r.label, len(index) - 1)], -1)
+            use = r.generated if generated_only else np.ones(len(r.label), bool)
+            steps += int(use.sum())
+            covered += int(((want >= 0) & use).sum())
+            top1 += int(((best[:, 0] == want) & use).sum())
+            topk += int(((best == want[:, None]).any(1) & use).sum())
+    n = max(steps, 1)
+    return HitRates(top1 / n, topk / n, covered / n, steps)
+
+
+def native_hit_rate(head, weights, traces: Sequence[Trace], k: int) -> float:
+    """The native head's top-k hit rate on generated tokens, proposing step by step as decoding does."""
+    hits = steps = 0
+    for trace in traces:
+        head.set_features(0, trace.hidden.astype(np.float32))
+        for t in range(max(trace.n_prompt, 2), len(trace.tokens)):  # propose token t from tokens[:t]
+            candidates = head.propose(trace.tokens[:t], k)
+            hits += int(trace.tokens[t]) in candidates
+            steps += 1
+    return hits / max(steps, 1)
+
+
+def batches(rows: Sequence[Rows], rng: np.random.Generator):
+    """Rows grouped by similar length, about TOKENS_PER_BATCH rows per batch, in random order."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].label))
+    groups, current = [], []
+    for i in order:
+        current.append(i)
+        if len(current) * len(rows[i].label) >= TOKENS_PER_BATCH:
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    return [groups[i] for i in rng.permutation(len(groups))]
+
+
+def pad(rows: Sequence[Rows], vocab_index: np.ndarray):
+    import torch
+
+    T = max(len(r.label) for r in rows)
+    d = rows[0].feat.shape[1]
+    feat = np.zeros((len(rows), T + 1, d), np.float32)
+    embd = np.zeros((len(rows), T, d), np.float32)
+    label = np.full((len(rows), T), -100, np.int64)
+    valid = np.zeros((len(rows), T), bool)
+    for b, r in enumerate(rows):
+        R = len(r.label)
+        feat[b, :R + 1], embd[b, :R], valid[b, :R] = r.feat, r.embd, True
+        inside = r.label < len(vocab_index)
+        mapped = np.where(inside, vocab_index[np.minimum(r.label, len(vocab_index) - 1)], -1)
+        label[b, :R] = np.where(mapped >= 0, mapped, -100)
+    return (torch.from_numpy(feat), torch.from_numpy(embd), torch.from_numpy(label), torch.from_numpy(valid))
+
+
+def train_head(model, train: Sequence[Rows], vocab: np.ndarray, *, epochs: int, lr: float, seed: int = 0,
+               checkpoint: Optional[str] = None, noise: float = 0.1, cls_weight: float = 0.1, progress: bool = True,
+               evaluate=None):
+    """AdamW with warm-up and cosine decay; saves a checkpoint after every epoch and resumes from it.
+    `evaluate(model)` (optional) returns a line printed after each epoch."""
+    import torch
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    vocab_index = np.full(int(vocab.max()) + 1, -1)
+    vocab_index[vocab] = np.arange(len(vocab))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    plan = [batches(train, rng) for _ in range(epochs)]
+    total = sum(len(p) for p in plan)
+    warmup = max(1, total // 50)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    first_epoch = 0
+    if checkpoint and os.path.exists(checkpoint):
+        state = torch.load(checkpoint, weights_only=False)
+        if np.array_equal(state["vocab"], vocab) and state["epochs"] == epochs:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            first_epoch = state["epoch"] + 1
+    scale = float(np.sqrt(np.mean([np.mean(r.feat.astype(np.float64) ** 2) for r in train])))
+    for epoch in range(first_epoch, epochs):
+        model.train()
+        bar = tqdm(plan[epoch], desc=f"head epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress)
+        for group in bar:
+            feat, embd, label, valid = pad([train[i] for i in group], vocab_index)
+            inputs = feat[:, :-1] + (torch.rand_like(feat[:, :-1]) - 0.5) * 2 * noise * scale
+            predicted, logits = model(embd, inputs)
+            reg = torch.nn.functional.smooth_l1_loss(predicted[valid] / scale, feat[:, 1:][valid] / scale)
+            cls = torch.nn.functional.cross_entropy(logits[valid], label[valid], ignore_index=-100)
+            loss = reg + cls_weight * cls
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            optimizer.step()
+            schedule.step()
+            bar.set_postfix(reg=f"{reg.item():.3f}", ce=f"{cls.item():.2f}")
+        if checkpoint:
+            tmp = checkpoint + ".part"
+            torch.save({"epoch": epoch, "epochs": epochs, "vocab": vocab, "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, tmp)
+            os.replace(tmp, checkpoint)
+        if evaluate is not None and progress:
+            print(f"epoch {epoch + 1}: {evaluate(model)}")
+    return model
+
+
+@dataclass
+class HeadOptions:
+    vocab_size: int = 4096
+    n_ff: int = 0              # 0: half the target's feed-forward size
+    tensor_type: str = "q8_0"
+    epochs: int = 10
+    lr: float = 1e-3
+    tokens: int = 128          # tokens decoded per prompt
+    k: int = 4
+    seed: int = 0
+
+
+def head_shape(llm) -> dict:
+    """Attention shape and RoPE base of the target, which the head copies; its own n_ff."""
+    meta, arch = llm.metadata, llm.weights.arch
+    n_head = int(meta[f"{arch}.attention.head_count"])
+    return dict(n_head=n_head, n_head_kv=int(meta.get(f"{arch}.attention.head_count_kv", n_head)),
+                head_dim=int(meta.get(f"{arch}.attention.key_length", llm.weights.n_embd // n_head)),
+                n_ff=int(meta[f"{arch}.feed_forward_length"]),
+                rope_freq_base=float(meta.get(f"{arch}.rope.freq_base", 10000.0)), norm_eps=llm.weights.norm_eps)
+
+
+def train_draft_head(llm, train_prompts: Sequence[Prompt], held_out: Sequence[Prompt], work_dir: str,
+                     options: HeadOptions):
+    """Collect, train and evaluate a draft head for llm's model: (HeadWeights, report dict).
+    Data and a checkpoint per epoch stay in work_dir, so an interrupted run resumes."""
+    import torch
+
+    from .head_model import DraftHeadModel
+
+    w = llm.weights
+    train_traces = collect_sequences(llm, train_prompts, os.path.join(work_dir, "train"), options.tokens,
+                                     "head data (train)")
+    held_traces = collect_sequences(llm, held_out, os.path.join(work_dir, "held-out"), options.tokens,
+                                    "head data (held-out)")
+    train_rows, held_rows = build_rows(w, train_traces), build_rows(w, held_traces)
+    end_tokens = [t for t in (llm.token_eos(), llama_cpp.llama_vocab_eot(llm._model.vocab)) if 0 <= t < w.n_vocab]
+    vocab = choose_vocab(train_rows, w.n_vocab, options.vocab_size, always=end_tokens)
+    shape = head_shape(llm)
+    if options.n_ff:
+        shape["n_ff"] = options.n_ff
+    else:
+        shape["n_ff"] //= 2
+    torch.manual_seed(options.seed)
+    model = DraftHeadModel(w.n_embd, lm_rows=w.lm_head_rows(vocab.tolist()), **shape)
+    evaluate = lambda m: hit_rates(m, held_rows, vocab, options.k)  # noqa: E731
+    train_head(model, train_rows, vocab, epochs=options.epochs, lr=options.lr, seed=options.seed,
+               checkpoint=os.path.join(work_dir, "head.pt"), evaluate=evaluate)
+    rates = evaluate(model)
+    head = model.to_weights(vocab, options.tensor_type, rates.topk)
+    report = {"train_rows": int(sum(len(r.label) for r in train_rows)), "held_out_steps": rates.steps,
+              "vocab_size": int(len(vocab)), "vocab_coverage": rates.coverage, "top1": rates.top1,
+              f"top{options.k}": rates.topk, "shape": shape, "tensor_type": options.tensor_type}
+    return head, report, held_traces

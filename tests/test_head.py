@@ -1,0 +1,162 @@
+"""The EAGLE-1 draft head: hidden-state feeding, native ggml inference against its torch twin,
+incremental proposals, and the head as the engine's drafter."""
+import dataclasses
+
+import llama_cpp
+import numpy as np
+import pytest
+import torch
+
+import specee_pc
+from conftest import N_CTX, N_THREADS, constant_predictors
+from specee_pc import _native
+from specee_pc.default_model import shipped_predictor_path
+from specee_pc.calibration import chat_tokens
+from specee_pc.errors import ModelFileError
+from specee_pc.head_model import DraftHeadModel
+from specee_pc.head_training import FeatureRecorder, final_norm
+from specee_pc.predictor_file import read_predictor_file, write_predictor_file
+from specee_pc.replay import ReplayExits
+
+PROMPT = "Write a short poem about the sea and the ships that sail on it."
+
+
+@pytest.fixture(scope="module")
+def shipped(llm):
+    path = shipped_predictor_path(llm.weights)
+    predictors = read_predictor_file(path)
+    assert predictors.head is not None, "the predictor file shipped for SmolLM2 carries a draft head"
+    return predictors
+
+
+@pytest.fixture(scope="module")
+def trace(llm):
+    """Tokens of a prompt and a greedy continuation, with the hidden state Llama feeds per position."""
+    recorder = FeatureRecorder(llm.n_ctx(), llm.weights.n_embd)
+    llm.feed_hidden_states(recorder)
+    try:
+        tokens = chat_tokens(llm, PROMPT)
+        n_prompt = len(tokens)
+        for i, token in enumerate(llm.generate(tokens, temp=0.0)):
+            tokens.append(token)
+            if i == 23:
+                break
+    finally:
+        llm.feed_hidden_states(None)
+    return np.array(tokens, np.int32), recorder.hidden[:len(tokens) - 1].copy(), n_prompt
+
+
+def test_fed_hidden_states_are_the_full_models_last_layer(llm, model_path, trace):
+    """Every position's fed state, final-normed, gives llama.cpp's own logits through the LM head."""
+    tokens, hidden, n_prompt = trace
+    assert np.abs(hidden).sum(axis=1).min() > 0  # every position, the prompt's included
+    every_row = llama_cpp.Llama(model_path, n_ctx=N_CTX, n_threads=N_THREADS, logits_all=True, verbose=False)
+    try:
+        every_row.eval(tokens[:-1].tolist())
+        expected = every_row.scores[:len(tokens) - 1].copy()
+    finally:
+        every_row.close()
+    w = llm.weights
+    ours = np.stack([w.lm_head_logits(z, N_THREADS) for z in final_norm(w, hidden)])
+    # batch shapes differ (our prompt batch, then one token per step), so near-ties may flip
+    assert (ours.argmax(1) == expected.argmax(1)).mean() > 0.9
+    assert np.abs(ours - expected).max() < 0.05 * np.abs(expected).max()
+
+
+def torch_head(llm, head):
+    return DraftHeadModel.from_weights(head, llm.weights.lm_head_rows(head.vocab.tolist()))
+
+
+def run_torch(llm, model, tokens, hidden):
+    feat = final_norm(llm.weights, hidden)
+    embd = llm.weights.embd_rows(tokens[1:].tolist())
+    with torch.no_grad():
+        h, logits = model(torch.from_numpy(embd)[None], torch.from_numpy(feat)[None])
+    return h[0].numpy(), logits[0].numpy()
+
+
+@pytest.mark.parametrize("tensor_type", ["f32", "q8_0"])
+def test_native_head_matches_torch(llm, shipped, trace, tmp_path, tensor_type):
+    """The ggml head against the torch head on the same inputs and weights. With f32 storage the
+    layer agrees to float rounding, and the logits to ~1% (the LM-head rows are the target's q8_0
+    ones, and ggml quantizes the activations of a q8_0 matmul to 8 bits); with the shipped q8_0
+    storage every matmul does that, so both within 5%."""
+    tokens, hidden, _ = trace
+    head = dataclasses.replace(shipped.head, tensor_type=tensor_type)
+    path = str(tmp_path / f"head-{tensor_type}.gguf")
+    write_predictor_file(path, dataclasses.replace(shipped, head=head, layers={}))
+    stored = read_predictor_file(path).head  # the weights as stored: torch runs the dequantized ones
+    native = _native.DraftHead(path, llm.weights, 256, N_THREADS)
+    native.set_features(0, hidden)
+    h_native, logits_native = native.forward(tokens.tolist())
+    h_torch, logits_torch = run_torch(llm, torch_head(llm, stored), tokens, hidden)
+    hidden_tolerance, logits_tolerance = (1e-3, 0.01) if tensor_type == "f32" else (0.05, 0.05)
+    assert np.abs(h_native - h_torch).max() < hidden_tolerance * np.abs(h_torch).max()
+    assert np.abs(logits_native - logits_torch).max() < logits_tolerance * np.abs(logits_torch).max()
+    top4_native = np.argsort(-logits_native, axis=1)[:, :4]
+    top4_torch = np.argsort(-logits_torch, axis=1)[:, :4]
+    same_top1 = (top4_native[:, 0] == top4_torch[:, 0]).mean()
+    assert same_top1 == 1.0 if tensor_type == "f32" else same_top1 > 0.9
+
+
+def test_proposals_follow_rollbacks(llm, shipped, trace):
+    """Step-by-step proposals, with the cache rolled back and fed other states, equal a fresh forward."""
+    tokens, hidden, n_prompt = trace
+    head = _native.DraftHead(shipped.path, llm.weights, 256, N_THREADS)
+    head.set_features(0, hidden)
+    _, logits = head.forward(tokens.tolist())
+    vocab = np.array(head.vocab())
+    expected = lambda t: vocab[np.argsort(-logits[t - 2])[:4]].tolist()  # noqa: E731  (row t-2 drafts token t)
+    for t in range(n_prompt, len(tokens)):
+        assert head.propose(tokens[:t], 4) == expected(t)
+    other = tokens.copy()
+    other[n_prompt + 3] = (other[n_prompt + 3] + 1) % llm.weights.n_vocab  # a rejected token: rows from there rerun
+    head.propose(other, 4)
+    assert head.propose(tokens[:n_prompt + 8], 4) == expected(n_prompt + 8)
+    head.set_features(n_prompt, hidden[n_prompt:n_prompt + 1] * 0.5)  # an exit's state at one position
+    changed = head.propose(tokens, 4)
+    head.set_features(n_prompt, hidden[n_prompt:n_prompt + 1])
+    assert head.propose(tokens, 4) == expected(len(tokens))
+    assert len(changed) == 4
+    fresh = _native.DraftHead(shipped.path, llm.weights, 256, N_THREADS)
+    fresh.set_features(5, hidden[5:10])
+    assert fresh.propose(tokens[:8], 4) == []  # states of positions 0..4 were never fed
+
+
+@pytest.mark.parametrize("kv_policy", ["exact", "mask"])
+def test_head_is_the_default_drafter_and_fed(model_path, shipped, kv_policy):
+    """With the shipped file the engine drafts with its head: its candidates hold the emitted
+    token often (a head fed wrong states would not), and the exact policy stays exact: its output
+    is llama-cpp-python's own in the same batches (prompts decoded with every row's output, as
+    llama_cpp does with logits_all)."""
+    llm = specee_pc.Llama(model_path, n_ctx=N_CTX, n_threads=N_THREADS, verbose=False, predictor="auto",
+                          kv_policy=kv_policy)
+    try:
+        assert type(llm.exit_drafter).__name__ == "HeadDrafter"
+        tokens = chat_tokens(llm, PROMPT)
+        ours = [t for _, t in zip(range(48), llm.generate(tokens, temp=0.0))]
+        stats = llm.exit_stats
+        assert stats.candidate_steps > 20 and stats.candidate_hits / stats.candidate_steps > 0.3
+        assert stats.exits > 0
+        if kv_policy == "exact":
+            replay = llama_cpp.Llama(model_path, n_ctx=N_CTX, n_threads=N_THREADS, verbose=False, logits_all=True,
+                                     draft_model=ReplayExits(stats.exits_at))
+            assert ours == [t for _, t in zip(range(48), replay.generate(tokens, temp=0.0))]
+            replay.close()
+    finally:
+        llm.close()
+
+
+def test_head_drafter_errors(llm, model_path, tmp_path):
+    plain = constant_predictors(llm.weights, [10])
+    path = str(tmp_path / "plain.gguf")
+    write_predictor_file(path, plain)
+    with pytest.raises(ValueError, match="carries no draft head"):
+        llm.configure_exits(predictor=path, drafter="head")
+    llm.configure_exits(predictor=path)  # auto: prompt lookup without a head
+    assert type(llm.exit_drafter).__name__ == "NgramDrafter"
+    llm.configure_exits()
+    with pytest.raises(ValueError, match="no draft head"):
+        _native.DraftHead(path, llm.weights, 64)
+    with pytest.raises(ModelFileError):
+        read_predictor_file(str(tmp_path / "missing.gguf"))
