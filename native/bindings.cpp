@@ -314,6 +314,7 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("n_draft_vocab", [](const DraftHead & h) { return h.info().n_draft_vocab; })
         .def_property_readonly("n_ff", [](const DraftHead & h) { return h.info().n_ff; })
         .def("vocab", &DraftHead::vocab)
+        .def("reset", [](DraftHead & h) { specee_head_reset(h.get()); }, "forget every stored feature and cached row")
         .def("set_features", &DraftHead::set_features, py::arg("pos"), py::arg("hidden"),
              "the target's hidden states (before the final norm) at positions pos, pos+1, ...")
         .def("propose", &DraftHead::propose, py::arg("tokens"), py::arg("k"),

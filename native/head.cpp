@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <exception>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -25,7 +26,8 @@
 namespace {
 
 constexpr int GRAPH_SIZE = 256;
-constexpr int32_t MAX_ROWS = 256; // rows per graph: bounds the [len, rows, n_head] attention scores
+constexpr int32_t MAX_ROWS   = 256;      // rows per graph
+constexpr int64_t MAX_SCORES = 16 << 20; // [len, rows, n_head] attention scores per graph (64 MiB of f32)
 
 const char * const WEIGHT_NAMES[] = {
     "head.fc.weight",        "head.fc.bias",          "head.attn_q.weight",  "head.attn_k.weight",
@@ -69,13 +71,14 @@ struct specee_head {
     ggml_tensor *         w[N_WEIGHTS] = {};
     ggml_tensor *         lm_rows = nullptr; // [n_embd, n_draft_vocab], the target's type
     ggml_tensor *         k_cache = nullptr; // [n_head_kv * head_dim, n_ctx]
-    ggml_tensor *         v_cache = nullptr;
+    ggml_tensor *         v_cache = nullptr; // [n_ctx, n_head_kv * head_dim]: transposed, attention reads it as is
     std::vector<int32_t>  vocab;             // draft id -> target id
 
     std::vector<float>   features;    // [n_ctx][n_embd] normed target hidden states by position
     std::vector<uint8_t> have;        // [n_ctx]
     std::vector<int32_t> cache_tokens; // token of each cached row (row j holds token j + 1)
     std::vector<float>   logits;      // last row's draft-vocabulary logits
+    std::vector<uint8_t> graph_meta;  // tensor and graph structs of the graph being built
 };
 
 namespace {
@@ -112,12 +115,20 @@ void load_weights(specee_head * h, const char * path) {
             if (src[i]->ne[0] != shapes[i][0] || ggml_nrows(src[i]) != shapes[i][1]) {
                 fail(std::string("draft head tensor ") + WEIGHT_NAMES[i] + " has the wrong shape for this model");
             }
+            // vectors are added/multiplied in f32; matrices in a type the file format allows
+            const bool vector = i == FC_B || i == FFN_NORM;
+            const ggml_type t = src[i]->type;
+            const bool matrix_ok = t == GGML_TYPE_F32 || t == GGML_TYPE_F16 || t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0;
+            if (vector ? t != GGML_TYPE_F32 : !matrix_ok) {
+                fail(std::string("draft head tensor ") + WEIGHT_NAMES[i] + " has type " + ggml_type_name(t) +
+                     (vector ? ", not f32" : ", not one of f32, f16, q8_0, q4_0"));
+            }
             h->w[i] = ggml_new_tensor_2d(h->ctx_w, src[i]->type, shapes[i][0], shapes[i][1]);
         }
         const ggml_type lm_type = (ggml_type) specee_weights_lm_head_ggml_type(h->target);
         h->lm_rows = ggml_new_tensor_2d(h->ctx_w, lm_type, d, in.n_draft_vocab);
         h->k_cache = ggml_new_tensor_2d(h->ctx_w, GGML_TYPE_F32, kv, h->n_ctx);
-        h->v_cache = ggml_new_tensor_2d(h->ctx_w, GGML_TYPE_F32, kv, h->n_ctx);
+        h->v_cache = ggml_new_tensor_2d(h->ctx_w, GGML_TYPE_F32, h->n_ctx, kv);
         h->buf_w = ggml_backend_alloc_ctx_tensors(h->ctx_w, h->backend);
         if (!h->buf_w) fail("cannot allocate the draft head's weights");
         ggml_backend_buffer_clear(h->buf_w, 0);
@@ -189,12 +200,13 @@ ggml_cgraph * build_graph(specee_head * h, ggml_context * ctx, int32_t p0, int32
     // this batch's K/V into the cache first (the graph runs in order), then attend over it
     ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, k, kv, n),
                                            ggml_view_2d(ctx, h->k_cache, kv, n, h->k_cache->nb[1], (size_t) p0 * h->k_cache->nb[1])));
-    ggml_build_forward_expand(gf, ggml_cpy(ctx, v, ggml_view_2d(ctx, h->v_cache, kv, n, h->v_cache->nb[1], (size_t) p0 * h->v_cache->nb[1])));
+    ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_transpose(ctx, v),
+                                           ggml_view_2d(ctx, h->v_cache, n, kv, h->v_cache->nb[1], (size_t) p0 * sizeof(float))));
     ggml_tensor * K = ggml_view_3d(ctx, h->k_cache, hd, hi.n_head_kv, n_kv_len, hd * sizeof(float), h->k_cache->nb[1], 0);
-    ggml_tensor * V = ggml_view_3d(ctx, h->v_cache, hd, hi.n_head_kv, n_kv_len, hd * sizeof(float), h->v_cache->nb[1], 0);
+    ggml_tensor * V = ggml_view_3d(ctx, h->v_cache, n_kv_len, hd, hi.n_head_kv, h->v_cache->nb[1], hd * h->v_cache->nb[1], 0); // [len, hd, kvh]
     ggml_tensor * kq = ggml_mul_mat(ctx, ggml_permute(ctx, K, 0, 2, 1, 3), ggml_permute(ctx, q, 0, 2, 1, 3)); // [len, n, n_head]
     kq = ggml_soft_max_ext(ctx, kq, in.mask, 1.0f / sqrtf((float) hd), 0.0f);
-    ggml_tensor * kqv = ggml_mul_mat(ctx, ggml_cont(ctx, ggml_permute(ctx, V, 1, 2, 0, 3)), kq);        // [hd, n, n_head]
+    ggml_tensor * kqv = ggml_mul_mat(ctx, V, kq);                                                       // [hd, n, n_head]
     ggml_tensor * attn = ggml_reshape_2d(ctx, ggml_cont(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3)), hd * hi.n_head, n);
     x = ggml_add(ctx, x, ggml_mul_mat(ctx, h->w[WO], attn));
 
@@ -220,8 +232,9 @@ bool run_rows(specee_head * h, const int32_t * tokens, int32_t p0, int32_t n, fl
     for (int32_t j = p0; j < p0 + n; ++j) {
         if (!h->have[j]) return false;
     }
-    std::vector<uint8_t> meta(ggml_tensor_overhead() * GRAPH_SIZE + ggml_graph_overhead_custom(GRAPH_SIZE, false));
-    ggml_context * ctx = ggml_init(ggml_init_params{meta.size(), meta.data(), /*no_alloc =*/ true});
+    // from here the cache's rows >= p0 change: a failure must not leave them claimed
+    if ((int32_t) h->cache_tokens.size() > p0) h->cache_tokens.resize(p0);
+    ggml_context * ctx = ggml_init(ggml_init_params{h->graph_meta.size(), h->graph_meta.data(), /*no_alloc =*/ true});
     head_inputs in{};
     ggml_tensor * hidden = nullptr, * logits = nullptr;
     ggml_cgraph * gf = build_graph(h, ctx, p0, n, all_logits, in, &hidden, &logits);
@@ -254,6 +267,17 @@ bool run_rows(specee_head * h, const int32_t * tokens, int32_t p0, int32_t n, fl
     return ok;
 }
 
+// Compute memory for a one-row step at the last position: decoding then never grows the
+// allocator's buffer (it would, a little, at every step as the context grows)
+void reserve_step_graph(specee_head * h) {
+    ggml_context * ctx = ggml_init(ggml_init_params{h->graph_meta.size(), h->graph_meta.data(), /*no_alloc =*/ true});
+    head_inputs in{};
+    ggml_tensor * hidden = nullptr, * logits = nullptr;
+    const bool ok = ggml_gallocr_reserve(h->galloc, build_graph(h, ctx, h->n_ctx - 1, 1, false, in, &hidden, &logits));
+    ggml_free(ctx);
+    if (!ok) fail("cannot allocate the draft head's compute memory");
+}
+
 } // namespace
 
 specee_head * specee_head_init_from_file(const char * path, const specee_weights * target, int32_t n_ctx, int32_t n_threads,
@@ -275,12 +299,17 @@ specee_head * specee_head_init_from_file(const char * path, const specee_weights
         }
         load_weights(h, path);
         h->galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(h->backend));
+        if (!h->galloc) fail("cannot create the draft head's graph allocator");
         h->features.assign((size_t) h->n_ctx * h->info.n_embd, 0.0f);
         h->have.assign(h->n_ctx, 0);
         h->logits.resize(h->info.n_draft_vocab);
+        h->graph_meta.resize(ggml_tensor_overhead() * GRAPH_SIZE + ggml_graph_overhead_custom(GRAPH_SIZE, false));
+        reserve_step_graph(h);
         return h;
     } catch (const head_error & e) {
         if (err && err_size > 0) snprintf(err, err_size, "%s", e.msg.c_str());
+    } catch (const std::exception & e) {
+        if (err && err_size > 0) snprintf(err, err_size, "cannot load the draft head: %s", e.what());
     }
     specee_head_free(h);
     return nullptr;
@@ -304,6 +333,11 @@ const int32_t * specee_head_vocab(const specee_head * h) {
     return h->vocab.data();
 }
 
+void specee_head_reset(specee_head * h) {
+    std::fill(h->have.begin(), h->have.end(), 0);
+    h->cache_tokens.clear();
+}
+
 bool specee_head_set_features(specee_head * h, int32_t pos, int32_t n, const float * hidden) {
     if (pos < 0 || n < 0 || pos + n > h->n_ctx) return false;
     const int32_t d = h->info.n_embd;
@@ -323,15 +357,27 @@ int32_t specee_head_propose(specee_head * h, const int32_t * tokens, int32_t n, 
     int32_t keep = 0;
     const int32_t limit = std::min<int32_t>((int32_t) h->cache_tokens.size(), n_rows - 1); // recompute the last row: its logits
     while (keep < limit && h->cache_tokens[keep] == tokens[keep + 1]) ++keep;
-    for (int32_t p0 = keep; p0 < n_rows; p0 += MAX_ROWS) {
-        if (!run_rows(h, tokens, p0, std::min(MAX_ROWS, n_rows - p0), nullptr, nullptr, false)) return 0;
+    for (int32_t p0 = keep, rows; p0 < n_rows; p0 += rows) {
+        rows = (int32_t) std::max<int64_t>(1, std::min<int64_t>(MAX_ROWS, MAX_SCORES / ((int64_t) n_rows * h->info.n_head)));
+        rows = std::min(rows, n_rows - p0);
+        if (!run_rows(h, tokens, p0, rows, nullptr, nullptr, false)) return 0;
     }
+    // top k by insertion into a sorted prefix of out (k is a handful)
     k = std::min(k, h->info.n_draft_vocab);
-    std::vector<int32_t> order(h->info.n_draft_vocab);
-    std::iota(order.begin(), order.end(), 0);
-    std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                      [&](int32_t a, int32_t b) { return h->logits[a] > h->logits[b]; });
-    for (int32_t i = 0; i < k; ++i) out[i] = h->vocab[order[i]];
+    std::vector<float> best(k, -INFINITY);
+    std::fill(out, out + k, 0);
+    const float * l = h->logits.data();
+    for (int32_t i = 0; i < h->info.n_draft_vocab; ++i) {
+        if (!(l[i] > best[k - 1])) continue;
+        int32_t j = k - 1;
+        for (; j > 0 && l[i] > best[j - 1]; --j) {
+            best[j] = best[j - 1];
+            out[j]  = out[j - 1];
+        }
+        best[j] = l[i];
+        out[j]  = i;
+    }
+    for (int32_t i = 0; i < k; ++i) out[i] = h->vocab[out[i]];
     return k;
 }
 
@@ -354,7 +400,10 @@ double specee_head_time_lm_head(specee_head * h, int32_t n_runs) {
     if (ggml_gallocr_alloc_graph(h->galloc, gf)) {
         std::vector<float> ones(h->info.n_embd, 1.0f);
         ggml_backend_tensor_set(x, ones.data(), 0, ggml_nbytes(x));
+        // timed as a proposal meets it: after a target step has streamed the model through the caches
+        std::vector<uint8_t> evict(64 << 20);
         for (int32_t i = 0; i < std::max(1, n_runs); ++i) {
+            for (size_t b = 0; b < evict.size(); b += 64) evict[b] = (uint8_t) (evict[b] + 1);
             const auto t0 = std::chrono::steady_clock::now();
             ggml_backend_graph_compute(h->backend, gf);
             ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());

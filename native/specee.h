@@ -143,6 +143,9 @@ void                 specee_head_free(struct specee_head * h);
 struct specee_head_info specee_head_get_info(const struct specee_head * h);
 const int32_t *         specee_head_vocab(const struct specee_head * h); // [n_draft_vocab] target ids
 
+// Forgets every stored feature and cached row (the target's cache was replaced, e.g. by a saved state).
+void specee_head_reset(struct specee_head * h);
+
 // Stores the target's residual stream (before its final norm) at positions pos..pos+n-1: after
 // its last layer, or after the exit layer when a step exited. Cached rows from pos on are dropped.
 bool specee_head_set_features(struct specee_head * h, int32_t pos, int32_t n, const float * hidden);
@@ -156,8 +159,9 @@ int32_t specee_head_propose(struct specee_head * h, const int32_t * tokens, int3
 // [n-1][n_draft_vocab].
 bool specee_head_forward(struct specee_head * h, const int32_t * tokens, int32_t n, float * out_hidden, float * out_logits);
 
-// Median ms of the head's LM head (draft-vocabulary rows) alone over n_runs: its share of a
-// proposal, for the benchmark's cost budget. -1 on failure.
+// Median ms of the head's LM head (draft-vocabulary rows) alone over n_runs, each after 64 MiB
+// of other memory traffic (as after a target step): its share of a proposal, for the
+// benchmark's cost budget. -1 on failure.
 double specee_head_time_lm_head(struct specee_head * h, int32_t n_runs);
 
 // ---------------------------------------------------------------- eval-callback hook

@@ -105,5 +105,9 @@ class HeadDrafter:
         """The target's residual stream [n, n_embd] (before its final norm) at position, position+1, ..."""
         self.head.set_features(position, hidden)
 
+    def reset(self) -> None:
+        """Forget every hidden state: the target's cache was replaced (a loaded state)."""
+        self.head.reset()
+
     def propose(self, context: Sequence[int], k: int) -> List[int]:
         return self.head.propose(np.asarray(context, dtype=np.int32), k)

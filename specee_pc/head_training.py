@@ -32,6 +32,9 @@ class FeatureRecorder:
         self.hidden[position:position + len(hidden)] = hidden
         self.n = max(self.n, position + len(hidden))
 
+    def reset(self) -> None:
+        self.n = 0
+
 
 @dataclass
 class Trace:
@@ -99,11 +102,10 @@ class Rows:
     generated: np.ndarray  # [R] bool: that token is one the model generated (what decoding drafts)
 
 
-def greedy_labels(weights, feat: np.ndarray, chunk: int = 512) -> np.ndarray:
-    """argmax of the target's full LM head on normed features, in chunks of rows."""
+def greedy_labels(lm, feat: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """argmax of the target's full LM head (a torch [n_vocab, d] tensor) on normed features."""
     import torch
 
-    lm = torch.from_numpy(weights.lm_head_rows(list(range(weights.n_vocab))))
     out = []
     for i in range(0, len(feat), chunk):
         out.append((torch.from_numpy(feat[i:i + chunk]) @ lm.T).argmax(1).numpy())
@@ -111,6 +113,9 @@ def greedy_labels(weights, feat: np.ndarray, chunk: int = 512) -> np.ndarray:
 
 
 def build_rows(weights, sequences: Sequence[Trace]) -> List[Rows]:
+    import torch
+
+    lm = torch.from_numpy(weights.lm_head_rows(list(range(weights.n_vocab))))  # dequantized once
     out = []
     for seq in sequences:
         if len(seq.hidden) < 2:
@@ -123,7 +128,7 @@ def build_rows(weights, sequences: Sequence[Trace]) -> List[Rows]:
         # the token after f_{j+1}: the one decoding emitted where it generated, else the LM head's argmax
         generated = np.arange(start, start + n_rows) + 2 >= seq.n_prompt
         label = np.where(generated, tokens[np.minimum(np.arange(n_rows) + 2, len(tokens) - 1)],
-                         greedy_labels(weights, feat[1:]))
+                         greedy_labels(lm, feat[1:]))
         out.append(Rows(feat, weights.embd_rows(tokens[1:n_rows + 1].tolist()), label, generated))
     return out
 
@@ -247,7 +252,9 @@ def train_head(model, train: Sequence[Rows], vocab: np.ndarray, *, epochs: int, 
             inputs = feat[:, :-1] + (torch.rand_like(feat[:, :-1]) - 0.5) * 2 * noise * scale
             predicted, logits = model(embd, inputs)
             reg = torch.nn.functional.smooth_l1_loss(predicted[valid] / scale, feat[:, 1:][valid] / scale)
-            cls = torch.nn.functional.cross_entropy(logits[valid], label[valid], ignore_index=-100)
+            known = label[valid] != -100  # tokens outside the draft vocabulary have no class
+            cls = (torch.nn.functional.cross_entropy(logits[valid][known], label[valid][known]) if known.any()
+                   else torch.zeros(()))
             loss = reg + cls_weight * cls
             optimizer.zero_grad()
             loss.backward()

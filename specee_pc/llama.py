@@ -25,9 +25,6 @@ from .predictor_file import PredictorFile, read_predictor_file
 from .stats import GenerationStats
 
 
-FEATURE_BATCH = 256  # tokens per decode while every token's output is kept (bounds the logits buffer)
-
-
 class Llama(llama_cpp.Llama):
     """A `llama_cpp.Llama` (same arguments and methods) that specee-pc can observe layer by layer.
 
@@ -178,12 +175,14 @@ class Llama(llama_cpp.Llama):
             if isinstance(predictor, str):
                 path, predictor = predictor, read_predictor_file(predictor)
                 predictor.check_model(self.weights, path, self.model_path)
-            has_head = isinstance(predictor, PredictorFile) and predictor.head is not None and bool(predictor.path)
+            has_head = isinstance(predictor, PredictorFile) and predictor.head is not None
             if drafter == "auto":
                 drafter = "head" if has_head else "ngram"
             if drafter == "head":
                 if not has_head:
                     raise ValueError("drafter 'head': the predictor file carries no draft head (calibrate with --head)")
+                if not predictor.path:
+                    raise ValueError("drafter 'head': the head is loaded from its file; pass the predictor's path")
                 drafter = HeadDrafter(predictor.path, self.weights, n_ctx=self._n_ctx, n_threads=self.n_threads,
                                       gpu=self._draft_gpu_layers != 0)
             elif drafter == "ngram":
@@ -289,11 +288,11 @@ class Llama(llama_cpp.Llama):
             raise
 
     def _eval_feeding(self, tokens: Sequence[int]) -> None:
-        """llama_cpp's eval, with every token's output so that the sink gets every position's state."""
+        """llama_cpp's eval, with every token's output (as with logits_all) so that the sink gets
+        every position's state."""
         self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
-        chunk = max(1, min(self.n_batch, FEATURE_BATCH))
-        for i in range(0, len(tokens), chunk):
-            batch, n_past = tokens[i:i + chunk], self.n_tokens
+        for i in range(0, len(tokens), self.n_batch):
+            batch, n_past = tokens[i:i + self.n_batch], self.n_tokens
             self._hook.begin_step(n_past + len(batch) - 1)
             self._decode_at(n_past, batch, all_logits=True)
             self._feature_sink.set_features(n_past, self._hook.rows())
@@ -357,6 +356,10 @@ class Llama(llama_cpp.Llama):
         if self._hook.n_holes or (self._engine is not None and self._engine.kv_policy == "mask"):
             raise ValueError("load_state is not supported with kv_policy 'mask'")
         super().load_state(state)
+        if self._feature_sink is not None:
+            # nor of hidden states: a draft head proposes nothing for this context rather than
+            # draft from another sequence's states
+            self._feature_sink.reset()
 
     def _set_last_logits(self, logits: np.ndarray) -> None:
         """Write logits where llama.cpp's (and so llama_cpp's) samplers read the last token's."""

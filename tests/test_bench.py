@@ -46,6 +46,9 @@ def test_tiny_bench_writes_a_well_formed_report(tmp_path):
     # outputs are recorded, and a lossless configuration's differences are explained in the flags
     for flag in report["flags"]:
         assert flag["replay_identical"] is not False, flag
+    mask = report["configs"][3]["quality"]  # lossy: judged step by step against the full model
+    assert mask["exactness"] == "lossy" and 0 <= mask["greedy_agreement"] <= 1
+    assert report["configs"][2]["quality"]["greedy_agreement"] is None  # exact: judged by identity
     cost = report["draft_head_cost"]
     assert cost["target_layer_ms"] > 0 and cost["draft_lm_head_ms"] > 0 and cost["draft_vocab"] > 0
     assert cost["drafter_ms_per_token_max"] > 0 and cost["budget_ms"] == cost["target_layer_ms"] + cost["draft_lm_head_ms"]

@@ -113,11 +113,20 @@ def test_proposals_follow_rollbacks(llm, shipped, trace):
     other[n_prompt + 3] = (other[n_prompt + 3] + 1) % llm.weights.n_vocab  # a rejected token: rows from there rerun
     head.propose(other, 4)
     assert head.propose(tokens[:n_prompt + 8], 4) == expected(n_prompt + 8)
-    head.set_features(n_prompt, hidden[n_prompt:n_prompt + 1] * 0.5)  # an exit's state at one position
+    # an exit's state at one position (another position's here): rows from there run again
+    other_state = hidden.copy()
+    other_state[n_prompt] = hidden[n_prompt - 3]
+    head.set_features(n_prompt, other_state[n_prompt:n_prompt + 1])
     changed = head.propose(tokens, 4)
+    fresh = _native.DraftHead(shipped.path, llm.weights, 256, N_THREADS)
+    fresh.set_features(0, other_state)
+    _, other_logits = fresh.forward(tokens.tolist())
+    assert np.abs(other_logits[-1] - logits[-1]).max() > 0.1  # the state matters to the last row
+    assert changed == vocab[np.argsort(-other_logits[-1])[:4]].tolist()
     head.set_features(n_prompt, hidden[n_prompt:n_prompt + 1])
     assert head.propose(tokens, 4) == expected(len(tokens))
-    assert len(changed) == 4
+    head.reset()  # a loaded state: no states at all until fed again
+    assert head.propose(tokens, 4) == []
     fresh = _native.DraftHead(shipped.path, llm.weights, 256, N_THREADS)
     fresh.set_features(5, hidden[5:10])
     assert fresh.propose(tokens[:8], 4) == []  # states of positions 0..4 were never fed
@@ -160,3 +169,19 @@ def test_head_drafter_errors(llm, model_path, tmp_path):
         _native.DraftHead(path, llm.weights, 64)
     with pytest.raises(ModelFileError):
         read_predictor_file(str(tmp_path / "missing.gguf"))
+
+
+def test_loaded_state_is_not_drafted_from_stale_states(model_path, shipped):
+    """A loaded state's positions were never fed to the head: it proposes nothing for them rather
+    than draft from another sequence's states, and the output stays the full model's."""
+    llm = specee_pc.Llama(model_path, n_ctx=N_CTX, n_threads=N_THREADS, verbose=False, predictor="auto")
+    try:
+        tokens = chat_tokens(llm, PROMPT)
+        first = [t for _, t in zip(range(8), llm.generate(tokens, temp=0.0))]
+        state = llm.save_state()
+        llm.generate(chat_tokens(llm, "Name three planets."), temp=0.0).__next__()  # other states at those positions
+        llm.load_state(state)
+        assert llm.exit_drafter.propose(llm.input_ids[:llm.n_tokens], 4) == []
+        assert first == [t for _, t in zip(range(8), llm.generate(tokens, temp=0.0))]
+    finally:
+        llm.close()

@@ -148,6 +148,9 @@ def test_calibrate_with_draft_head(model_path, tmp_path):
     report = json.loads((tmp_path / "head.specee.gguf.report.json").read_text())
     assert 0 <= report["draft_head"]["native_top_k_hit_rate"] <= report["draft_head"]["vocab_coverage"] <= 1
     assert len(os.listdir(tmp_path / "head.specee.gguf.calib" / "train-head")) == 4
+    inspected = subprocess.run([sys.executable, "-m", "specee_pc.cli", "convert", "--inspect", str(out)],
+                               capture_output=True, text=True, cwd=tmp_path)
+    assert "draft head    EAGLE-1" in inspected.stdout and "draft vocabulary 512 tokens" in inspected.stdout
     llm = specee_pc.Llama(model_path, n_ctx=512, n_threads=2, verbose=False, predictor=str(out))
     assert type(llm.exit_drafter).__name__ == "HeadDrafter"
     llm.create_completion("Count from one to twenty: one, two, three,", max_tokens=24, temperature=0.0)

@@ -123,7 +123,7 @@ def _add_configs(configs: List[BenchConfig], models: BenchModels, *, baselines: 
         predictor = read_predictor_file(path)
         predictor.check_model(weights, path, models.model)
         for drafter in file_drafters(predictor, models):
-            if any(drafter == d for _, d in pairs):
+            if any(drafter == d for _, d, _ in pairs):
                 raise SpeceeError(f"two predictor files for the {drafter} drafter: give one")
             pairs.append((path, drafter, predictor.threshold))
     for policy in dict.fromkeys(policies):

@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence
 import llama_cpp
 import numpy as np
 
-from .runs import Run, first_divergence, next_logits, replay_matches
+from .runs import Run, first_divergence, greedy_agreement, next_logits, replay_matches
 
 
 @dataclass
@@ -19,6 +19,9 @@ class OutputCheck:
     reference_tokens: int             # length of vanilla's output
     logit_gap: Optional[float] = None  # full model's logit of its token minus ours, at the divergence
     replay_identical: Optional[bool] = None  # specee exact: same-batch replay gives our output
+    tokens: int = 0                   # length of our output
+    greedy_agreeing: Optional[int] = None  # lossy: our tokens that are the full model's greedy token
+                                           # after our own prefix
 
     @property
     def verdict(self) -> str:
@@ -38,7 +41,7 @@ def check_outputs(configs, runs: Sequence[Run], prompt_tokens: Dict[str, List[in
 
     vanilla: a llama_cpp.Llama on the target (for logit gaps); replay: one built with a draft
     model (so it keeps all logits) and the configurations' layer placement, used to replay specee
-    exact runs (None: no replay)."""
+    exact runs and to judge lossy outputs step by step (None: neither)."""
     first = {(r.config, r.prompt): r for r in runs if r.rep == 0}
     reference = {prompt: first[("vanilla", prompt)].tokens for prompt in prompt_tokens}
     rows: Dict[tuple, np.ndarray] = {}  # configurations often part from vanilla at the same near-tie
@@ -61,7 +64,9 @@ def check_outputs(configs, runs: Sequence[Run], prompt_tokens: Dict[str, List[in
         for prompt, tokens in prompt_tokens.items():
             run = first[(config.name, prompt)]
             at = first_divergence(run.tokens, reference[prompt])
-            check = OutputCheck(config.name, prompt, at is None, at, len(reference[prompt]))
+            check = OutputCheck(config.name, prompt, at is None, at, len(reference[prompt]), tokens=len(run.tokens))
+            if not config.lossless and replay is not None:
+                check.greedy_agreeing = greedy_agreement(replay, tokens, run.tokens)
             if at is not None:
                 check.logit_gap = logit_gap(prompt, run.tokens, at)
                 if config.kind == "specee" and config.lossless and replay is not None:

@@ -69,6 +69,7 @@ def exits(runs: Sequence[Run], n_layer: int, repaired: bool) -> dict:
 
 def quality(checks: Sequence[OutputCheck], lossless: bool) -> dict:
     differing = [c for c in checks if not c.identical]
+    judged = [c for c in checks if c.greedy_agreeing is not None]
     if lossless and not differing:
         exactness = "identical"
     elif lossless and any(c.replay_identical is False for c in differing):
@@ -86,9 +87,12 @@ def quality(checks: Sequence[OutputCheck], lossless: bool) -> dict:
         "agreeing_prefix": statistics.mean(
             (c.first_divergence if c.first_divergence is not None else c.reference_tokens) / max(c.reference_tokens, 1)
             for c in checks) if checks else None,
+        # lossy: share of emitted tokens that are the full model's greedy token after their own prefix
+        "greedy_agreement": ratio(sum(c.greedy_agreeing for c in judged), sum(c.tokens for c in judged)) if judged else None,
         "exactness": exactness,
         "per_prompt": [{"prompt": c.prompt, "first_divergence": c.first_divergence, "logit_gap": c.logit_gap,
-                        "replay_identical": c.replay_identical} for c in checks],
+                        "replay_identical": c.replay_identical, "greedy_agreeing": c.greedy_agreeing, "tokens": c.tokens}
+                       for c in checks],
     }
 
 
@@ -129,8 +133,8 @@ def markdown(report: dict) -> str:
              f"{s['runs']} runs, {s['threads']} threads, {report['machine']['cpu']}", "",
              "| configuration | decode tok/s | speedup | oracle bound | prompt tok/s | layers/step | exit ratio "
              "| mean exit layer | predictor ms/tok (share) | drafter ms/tok | candidate hits | identical to vanilla "
-             "| first divergence | exactness |",
-             "|" + "---|" * 14]
+             "| first divergence | greedy agreement | exactness |",
+             "|" + "---|" * 15]
     for c in report["configs"]:
         e, q = c.get("exits"), c.get("quality")
         share = f" ({fmt(e['predictor_share_of_step'], '.0%')})" if e and e["predictor_share_of_step"] is not None else ""
@@ -142,7 +146,7 @@ def markdown(report: dict) -> str:
             (fmt(e["predictor_ms_per_token"]) + share) if e else "–",
             fmt(e and e["drafter_ms_per_token"]), fmt(e and e["candidate_hit_rate"], ".0%"),
             fmt(q and q["identical_share"], ".0%"), fmt(q and q["first_divergence_median"], ".0f"),
-            q["exactness"] if q else "reference"]) + " |")
+            fmt(q and q["greedy_agreement"], ".1%"), q["exactness"] if q else "reference"]) + " |")
     sets = list(report["configs"][0]["speedup_by_set"])
     lines += ["", "Speedup by prompt set (median of per-prompt ratios):", "",
               "| configuration | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
@@ -180,7 +184,8 @@ def flag_summary(found: Sequence[dict], n_prompts: int) -> List[str]:
 
 def draft_head_cost(entries: Sequence[dict], target_layer_ms: float, draft_lm_head_ms: float, draft_vocab: int) -> dict:
     """The draft head's cost per token against its budget: one target layer plus its own LM head."""
-    drafter_ms = [e["exits"]["drafter_ms_per_token"] for e in entries if e["options"].get("drafter") == "head" and e.get("exits")]
+    drafter_ms = [e["exits"]["drafter_ms_per_token"] for e in entries
+                  if e["options"].get("drafter") == "head" and e.get("exits") and e["exits"]["drafter_ms_per_token"] is not None]
     budget = target_layer_ms + draft_lm_head_ms
     worst = max(drafter_ms) if drafter_ms else None
     return {"drafter_ms_per_token_max": worst, "target_layer_ms": target_layer_ms, "draft_lm_head_ms": draft_lm_head_ms,

@@ -77,6 +77,19 @@ def next_logits(vanilla: llama_cpp.Llama, tokens: Sequence[int]) -> np.ndarray:
     return np.ctypeslib.as_array(vanilla._ctx.get_logits_ith(-1), shape=(vanilla.n_vocab(),)).copy()
 
 
+def greedy_agreement(every_row: llama_cpp.Llama, prompt_tokens: Sequence[int], output: Sequence[int]) -> Optional[int]:
+    """How many output tokens are the full model's greedy token after the output's own prefix
+    (every_row keeps all logits). A lossy configuration whose output departed is judged step by
+    step on its own path, not against a text it no longer follows."""
+    if not output:
+        return None
+    every_row.reset()
+    every_row.eval(list(prompt_tokens) + list(output[:-1]))
+    n = len(prompt_tokens)
+    greedy = np.argmax(every_row.scores[n - 1:n - 1 + len(output)], axis=1)
+    return int(np.sum(greedy == np.asarray(output)))
+
+
 def replay_matches(replay: llama_cpp.Llama, run: Run, prompt_tokens: Sequence[int]) -> bool:
     """Whether llama-cpp-python's own speculative decoding, drafting the engine's exit tokens where it
     exited, gives the run's output: the same batch shapes, so an exact engine must match it."""

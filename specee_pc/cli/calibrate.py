@@ -100,6 +100,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         rng = np.random.default_rng(args.seed)
         if args.head and args.draft:
             raise SpeceeError("--head and --draft choose two drafters: give one")
+        if args.head and (args.head_ff < 0 or args.head_ff % 32 or args.head_vocab < args.k):
+            raise SpeceeError("--head-ff must be a multiple of 32 (quantized rows are blocks of 32; 0: half the "
+                              "model's) and --head-vocab at least k")
         head_train_prompts = train_prompts
         train_prompts = [train_prompts[i] for i in sorted(rng.permutation(len(train_prompts))[:args.prompts])]
         held_out = [held_out[i] for i in sorted(rng.permutation(len(held_out))[:args.eval_prompts])]

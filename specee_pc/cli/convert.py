@@ -132,6 +132,11 @@ def inspect(path: str) -> str:
              f"  online        offsets {p.online_offsets} around the last 5 exit layers",
              f"  predictors    {len(p.layers)} layers {sorted(p.layers)}"
              + (f", MLP {first.fc1_weight.shape[1]} -> {first.fc1_weight.shape[0]} -> 1" if first else "")]
+    h = p.head
+    if h is not None:
+        lines.append(f"  draft head    EAGLE-1, {h.n_head} heads ({h.n_head_kv} KV) x {h.head_dim}, ffn {h.n_ff}, "
+                     f"{h.tensor_type}, draft vocabulary {len(h.vocab)} tokens, held-out top-{p.k} hit rate "
+                     f"{h.top_k_hit_rate:.3f}")
     return "\n".join(lines)
 
 
