@@ -261,30 +261,33 @@ const float * specee_weights_output_norm(const specee_weights * w) {
     return w->output_norm.data();
 }
 
-bool specee_weights_lm_head_rows(const specee_weights * w, const int32_t * ids, int32_t n, float * out) {
+static bool ids_in_vocab(const specee_weights * w, const int32_t * ids, int32_t n) {
     for (int32_t i = 0; i < n; ++i) {
         if (ids[i] < 0 || ids[i] >= w->n_vocab) return false;
     }
+    return true;
+}
+
+// rows ids[0..n) of a [n_vocab, n_embd] tensor in the mapping, dequantized
+static bool rows_to_float(const specee_weights * w, ggml_type type, const uint8_t * data, size_t row_bytes,
+                          const int32_t * ids, int32_t n, float * out) {
+    if (!ids_in_vocab(w, ids, n)) return false;
     for (int32_t i = 0; i < n; ++i) {
-        to_float(w->lm_head_type, w->lm_head_data + (size_t) ids[i] * w->lm_head_row_bytes, out + (size_t) i * w->n_embd, w->n_embd);
+        to_float(type, data + (size_t) ids[i] * row_bytes, out + (size_t) i * w->n_embd, w->n_embd);
     }
     return true;
+}
+
+bool specee_weights_lm_head_rows(const specee_weights * w, const int32_t * ids, int32_t n, float * out) {
+    return rows_to_float(w, w->lm_head_type, w->lm_head_data, w->lm_head_row_bytes, ids, n, out);
 }
 
 bool specee_weights_embd_rows(const specee_weights * w, const int32_t * ids, int32_t n, float * out) {
-    for (int32_t i = 0; i < n; ++i) {
-        if (ids[i] < 0 || ids[i] >= w->n_vocab) return false;
-    }
-    for (int32_t i = 0; i < n; ++i) {
-        to_float(w->embd_type, w->embd_data + (size_t) ids[i] * w->embd_row_bytes, out + (size_t) i * w->n_embd, w->n_embd);
-    }
-    return true;
+    return rows_to_float(w, w->embd_type, w->embd_data, w->embd_row_bytes, ids, n, out);
 }
 
 bool specee_weights_lm_head_rows_raw(const specee_weights * w, const int32_t * ids, int32_t n, void * out) {
-    for (int32_t i = 0; i < n; ++i) {
-        if (ids[i] < 0 || ids[i] >= w->n_vocab) return false;
-    }
+    if (!ids_in_vocab(w, ids, n)) return false;
     for (int32_t i = 0; i < n; ++i) {
         memcpy((uint8_t *) out + (size_t) i * w->lm_head_row_bytes, w->lm_head_data + (size_t) ids[i] * w->lm_head_row_bytes, w->lm_head_row_bytes);
     }

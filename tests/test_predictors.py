@@ -102,15 +102,20 @@ def test_train_convert_load_gives_the_torch_scores(records, model_path, tmp_path
     assert not (tmp_path / "x.gguf").exists()
 
 
-def test_calibrate_end_to_end_and_resume(model_path, tmp_path):
+def tiny_calibrate_command(model_path, tmp_path, out, *extra):
+    """A calibrate run on QUESTIONS small enough for a test (4 training prompts, 2 held out)."""
     data = tmp_path / "prompts" / "mixed"
     data.mkdir(parents=True)
     (data / "question.jsonl").write_text("".join(json.dumps({"question_id": i, "turns": [q]}) + "\n"
                                                  for i, q in enumerate(QUESTIONS)))
+    return [sys.executable, "-m", "specee_pc.cli", "calibrate", model_path, "--data", str(tmp_path / "prompts"),
+            "-o", str(out), "--prompts", "4", "--held-out-per-set", "2", "--eval-prompts", "2", "-n", "12",
+            "--epochs", "2", "--hidden", "32", "--offline-layers", "4", "-t", "2", *extra]
+
+
+def test_calibrate_end_to_end_and_resume(model_path, tmp_path):
     out = tmp_path / "smol.specee.gguf"
-    command = [sys.executable, "-m", "specee_pc.cli", "calibrate", model_path, "--data", str(tmp_path / "prompts"),
-               "-o", str(out), "--prompts", "4", "--held-out-per-set", "2", "--eval-prompts", "2", "-n", "12",
-               "--epochs", "2", "--hidden", "32", "--offline-layers", "4", "-t", "2"]
+    command = tiny_calibrate_command(model_path, tmp_path, out)
     first = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "precision" in first.stdout and "wrote" in first.stdout
@@ -130,16 +135,9 @@ def test_calibrate_end_to_end_and_resume(model_path, tmp_path):
 def test_calibrate_with_draft_head(model_path, tmp_path):
     """--head trains a head, stores it with predictors trained on its candidates, and the file
     then drafts with it by default."""
-    pytest.importorskip("torch")
-    data = tmp_path / "prompts" / "mixed"
-    data.mkdir(parents=True)
-    (data / "question.jsonl").write_text("".join(json.dumps({"question_id": i, "turns": [q]}) + "\n"
-                                                 for i, q in enumerate(QUESTIONS)))
     out = tmp_path / "head.specee.gguf"
-    command = [sys.executable, "-m", "specee_pc.cli", "calibrate", model_path, "--data", str(tmp_path / "prompts"),
-               "-o", str(out), "--prompts", "4", "--held-out-per-set", "2", "--eval-prompts", "2", "-n", "12",
-               "--epochs", "2", "--hidden", "32", "--offline-layers", "4", "-t", "2", "--head", "--head-epochs", "1",
-               "--head-tokens", "12", "--head-vocab", "512", "--head-ff", "64"]
+    command = tiny_calibrate_command(model_path, tmp_path, out, "--head", "--head-epochs", "1", "--head-tokens", "12",
+                                     "--head-vocab", "512", "--head-ff", "64")
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "draft head: held-out top-4 hit rate" in done.stdout
