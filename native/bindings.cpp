@@ -54,12 +54,15 @@ class Weights {
         return rows;
     }
 
+    // one hidden state [n_embd], or rows of them [n, n_embd]
     float_array final_norm(const float_array & x) const {
-        if (x.ndim() != 1 || x.shape(0) != info_.n_embd) {
-            throw py::value_error("final_norm expects a vector of n_embd = " + std::to_string(info_.n_embd) + " values");
+        if ((x.ndim() != 1 && x.ndim() != 2) || x.shape(x.ndim() - 1) != info_.n_embd) {
+            throw py::value_error("final_norm expects vectors of n_embd = " + std::to_string(info_.n_embd) + " values");
         }
-        float_array y(info_.n_embd);
-        specee_weights_final_norm(w_.get(), x.data(), y.mutable_data());
+        float_array y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+        for (py::ssize_t i = 0; i < x.size() / info_.n_embd; ++i) {
+            specee_weights_final_norm(w_.get(), x.data() + i * info_.n_embd, y.mutable_data() + i * info_.n_embd);
+        }
         return y;
     }
 
@@ -312,7 +315,6 @@ PYBIND11_MODULE(_native, m) {
         .def(py::init<const std::string &, const Weights &, int32_t, int32_t, bool>(), py::arg("path"), py::arg("weights"),
              py::arg("n_ctx"), py::arg("n_threads") = 1, py::arg("gpu") = false, py::keep_alive<1, 3>())
         .def_property_readonly("n_draft_vocab", [](const DraftHead & h) { return h.info().n_draft_vocab; })
-        .def_property_readonly("n_ff", [](const DraftHead & h) { return h.info().n_ff; })
         .def("vocab", &DraftHead::vocab)
         .def("reset", [](DraftHead & h) { specee_head_reset(h.get()); }, "forget every stored feature and cached row")
         .def("set_features", &DraftHead::set_features, py::arg("pos"), py::arg("hidden"),

@@ -79,6 +79,8 @@ struct specee_head {
     std::vector<int32_t> cache_tokens; // token of each cached row (row j holds token j + 1)
     std::vector<float>   logits;      // last row's draft-vocabulary logits
     std::vector<uint8_t> graph_meta;  // tensor and graph structs of the graph being built
+    std::vector<float>   embd, mask;  // graph inputs, kept across proposals (no allocation per step)
+    std::vector<int32_t> pos;
 };
 
 namespace {
@@ -240,27 +242,26 @@ bool run_rows(specee_head * h, const int32_t * tokens, int32_t p0, int32_t n, fl
     ggml_cgraph * gf = build_graph(h, ctx, p0, n, all_logits, in, &hidden, &logits);
     bool ok = ggml_gallocr_alloc_graph(h->galloc, gf);
     if (ok) {
-        std::vector<float> embd((size_t) n * d);
-        ok = specee_weights_embd_rows(h->target, tokens + p0 + 1, n, embd.data());
+        h->embd.resize((size_t) n * d);
+        ok = specee_weights_embd_rows(h->target, tokens + p0 + 1, n, h->embd.data());
         if (ok) {
-            std::vector<int32_t> pos(n);
-            std::iota(pos.begin(), pos.end(), p0);
+            h->pos.resize(n);
+            std::iota(h->pos.begin(), h->pos.end(), p0);
             const int32_t len = p0 + n;
-            std::vector<float> mask((size_t) len * n, 0.0f);
+            h->mask.assign((size_t) len * n, 0.0f);
             for (int32_t i = 0; i < n; ++i) {
-                std::fill(mask.begin() + (size_t) i * len + p0 + i + 1, mask.begin() + (size_t) (i + 1) * len, -INFINITY);
+                std::fill(h->mask.begin() + (size_t) i * len + p0 + i + 1, h->mask.begin() + (size_t) (i + 1) * len, -INFINITY);
             }
-            ggml_backend_tensor_set(in.embd, embd.data(), 0, ggml_nbytes(in.embd));
+            ggml_backend_tensor_set(in.embd, h->embd.data(), 0, ggml_nbytes(in.embd));
             ggml_backend_tensor_set(in.feat, h->features.data() + (size_t) p0 * d, 0, ggml_nbytes(in.feat));
-            ggml_backend_tensor_set(in.pos, pos.data(), 0, ggml_nbytes(in.pos));
-            ggml_backend_tensor_set(in.mask, mask.data(), 0, ggml_nbytes(in.mask));
+            ggml_backend_tensor_set(in.pos, h->pos.data(), 0, ggml_nbytes(in.pos));
+            ggml_backend_tensor_set(in.mask, h->mask.data(), 0, ggml_nbytes(in.mask));
             ok = ggml_backend_graph_compute(h->backend, gf) == GGML_STATUS_SUCCESS;
         }
     }
     if (ok) {
         if (out_hidden) ggml_backend_tensor_get(hidden, out_hidden, 0, ggml_nbytes(hidden));
         ggml_backend_tensor_get(logits, out_logits ? out_logits : h->logits.data(), 0, ggml_nbytes(logits));
-        h->cache_tokens.resize(p0);
         h->cache_tokens.insert(h->cache_tokens.end(), tokens + p0 + 1, tokens + p0 + n + 1);
     }
     ggml_free(ctx);

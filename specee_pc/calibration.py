@@ -10,7 +10,7 @@ interrupted collection resumes where it stopped.
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterable, List, Sequence
+from typing import Callable, Iterable, List, Sequence
 
 import llama_cpp
 import numpy as np
@@ -96,7 +96,6 @@ def record_prompt(llm, drafter: Drafter, prompt_tokens: Sequence[int], n_new: in
         raise ValueError("calibration records the full model: configure_exits() off first")
     w = llm.weights
     n_layer = w.n_layer
-    norm = w.output_norm()
     llm.capture_layers(range(n_layer))
     context = list(prompt_tokens)
     rows = {"cand_logits": [], "label": [], "top1_in_cands": [], "cand_hit": [], "final_index": []}
@@ -104,8 +103,7 @@ def record_prompt(llm, drafter: Drafter, prompt_tokens: Sequence[int], n_new: in
     for i, token in enumerate(llm.generate(prompt_tokens, temp=0.0)):
         if candidates is not None:  # this step decoded context[-1] and emitted `token`
             hidden = np.stack([llm.hidden_state(il) for il in range(n_layer)])
-            z = hidden / np.sqrt(np.mean(hidden.astype(np.float64) ** 2, axis=1, keepdims=True) + w.norm_eps) * norm
-            z = z.astype(np.float32)
+            z = w.final_norm(hidden)
             top1 = np.array([int(np.argmax(w.lm_head_logits(z[il], 2))) for il in range(n_layer)])
             rows["cand_logits"].append(z @ w.lm_head_rows(candidates).T)
             rows["label"].append(top1 == token)
@@ -126,23 +124,29 @@ def record_prompt(llm, drafter: Drafter, prompt_tokens: Sequence[int], n_new: in
                    np.stack(rows["top1_in_cands"]), np.array(rows["cand_hit"]), np.array(rows["final_index"]))
 
 
-def shard_path(work_dir: str, prompt: Prompt) -> str:
-    return os.path.join(work_dir, f"{prompt.name}.npz")
+def record_shards(prompts: Sequence[Prompt], work_dir: str, record: Callable[[Prompt], dict],
+                  description: str) -> List[str]:
+    """One .npz shard per prompt in work_dir holding record(prompt)'s arrays; prompts that already
+    have one are not recorded again (an interrupted collection resumes). The shard paths, in order."""
+    from tqdm import tqdm
+
+    os.makedirs(work_dir, exist_ok=True)
+    paths = [os.path.join(work_dir, f"{p.name}.npz") for p in prompts]
+    todo = [(p, path) for p, path in zip(prompts, paths) if not os.path.exists(path)]
+    for prompt, path in tqdm(todo, desc=description, unit="prompt", initial=len(prompts) - len(todo),
+                             total=len(prompts)):
+        arrays = record(prompt)
+        np.savez(path + ".part.npz", **arrays)
+        os.replace(path + ".part.npz", path)  # a shard exists only when complete
+    return paths
 
 
 def collect(llm, drafter: Drafter, prompts: Sequence[Prompt], work_dir: str, n_new: int, k: int,
             description: str = "collecting") -> Records:
     """Record every prompt not already in work_dir, then return all their records."""
-    from tqdm import tqdm
-
-    os.makedirs(work_dir, exist_ok=True)
-    todo = [p for p in prompts if not os.path.exists(shard_path(work_dir, p))]
-    for prompt in tqdm(todo, desc=description, unit="prompt", initial=len(prompts) - len(todo), total=len(prompts)):
-        records = record_prompt(llm, drafter, chat_tokens(llm, prompt.text), n_new, k)
-        tmp = shard_path(work_dir, prompt) + ".part.npz"
-        np.savez(tmp, **records.__dict__)
-        os.replace(tmp, shard_path(work_dir, prompt))  # a shard exists only when complete
-    return load_records(shard_path(work_dir, p) for p in prompts)
+    return load_records(record_shards(
+        prompts, work_dir, lambda p: record_prompt(llm, drafter, chat_tokens(llm, p.text), n_new, k).__dict__,
+        description))
 
 
 def load_records(paths: Iterable[str]) -> Records:

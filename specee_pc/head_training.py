@@ -15,7 +15,7 @@ from typing import Iterable, List, Optional, Sequence
 import llama_cpp
 import numpy as np
 
-from .calibration import Prompt, chat_tokens
+from .calibration import Prompt, chat_tokens, record_shards
 
 MAX_ROWS = 1024       # rows per training sequence (longer prompts keep their end)
 TOKENS_PER_BATCH = 4096
@@ -66,31 +66,17 @@ def record_sequence(llm, prompt_tokens: Sequence[int], n_new: int) -> Trace:
 def collect_sequences(llm, prompts: Sequence[Prompt], work_dir: str, n_new: int,
                       description: str = "head data") -> List[Trace]:
     """Record every prompt not already in work_dir, then return all of them."""
-    from tqdm import tqdm
-
-    os.makedirs(work_dir, exist_ok=True)
-    path = lambda p: os.path.join(work_dir, f"{p.name}.npz")  # noqa: E731
-    todo = [p for p in prompts if not os.path.exists(path(p))]
-    for prompt in tqdm(todo, desc=description, unit="prompt", initial=len(prompts) - len(todo), total=len(prompts)):
+    def record(prompt: Prompt) -> dict:
         tokens = chat_tokens(llm, prompt.text)
         if len(tokens) + 2 > llm.n_ctx():
             tokens = tokens[-(llm.n_ctx() // 2):]  # keep the end: the chat template's assistant turn
-        seq = record_sequence(llm, tokens, n_new)
-        tmp = path(prompt) + ".part.npz"
-        np.savez(tmp, tokens=seq.tokens, hidden=seq.hidden, n_prompt=seq.n_prompt)
-        os.replace(tmp, path(prompt))
-    sequences = []
-    for p in prompts:
-        with np.load(path(p)) as f:
-            sequences.append(Trace(f["tokens"], f["hidden"], int(f["n_prompt"])))
-    return sequences
+        return record_sequence(llm, tokens, n_new).__dict__
 
-
-def final_norm(weights, hidden: np.ndarray) -> np.ndarray:
-    """The target's final RMSNorm on rows [n, d] (float32), as the native head applies it."""
-    h = hidden.astype(np.float32)
-    scale = 1.0 / np.sqrt(np.mean(h.astype(np.float64) ** 2, axis=1, keepdims=True) + weights.norm_eps)
-    return (h * scale.astype(np.float32)) * weights.output_norm()
+    traces = []
+    for path in record_shards(prompts, work_dir, record, description):
+        with np.load(path) as f:
+            traces.append(Trace(f["tokens"], f["hidden"], int(f["n_prompt"])))
+    return traces
 
 
 @dataclass
@@ -120,15 +106,15 @@ def build_rows(weights, sequences: Sequence[Trace]) -> List[Rows]:
     for seq in sequences:
         if len(seq.hidden) < 2:
             continue
-        feat = final_norm(weights, seq.hidden)
+        feat = weights.final_norm(seq.hidden.astype(np.float32))
         start = max(0, len(feat) - 1 - MAX_ROWS)  # positions are relative: a cut sequence is still a sequence
         feat = feat[start:]
         tokens = seq.tokens[start:]
         n_rows = len(feat) - 1
         # the token after f_{j+1}: the one decoding emitted where it generated, else the LM head's argmax
         generated = np.arange(start, start + n_rows) + 2 >= seq.n_prompt
-        label = np.where(generated, tokens[np.minimum(np.arange(n_rows) + 2, len(tokens) - 1)],
-                         greedy_labels(lm, feat[1:]))
+        label = tokens[np.minimum(np.arange(n_rows) + 2, len(tokens) - 1)].astype(np.int64)
+        label[~generated] = greedy_labels(lm, feat[1:][~generated])
         out.append(Rows(feat, weights.embd_rows(tokens[1:n_rows + 1].tolist()), label, generated))
     return out
 
@@ -144,6 +130,12 @@ def choose_vocab(rows: Sequence[Rows], n_vocab: int, size: int, always: Iterable
     return np.sort(order).astype(np.int32)
 
 
+def draft_ids(vocab: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Target token ids -> their index in the draft vocabulary (sorted ids), -1 outside it."""
+    at = np.minimum(np.searchsorted(vocab, tokens), len(vocab) - 1)
+    return np.where(vocab[at] == tokens, at, -1)
+
+
 @dataclass
 class HitRates:
     top1: float
@@ -152,19 +144,18 @@ class HitRates:
     steps: int
 
 
-def hit_rates(model, rows: Sequence[Rows], vocab: np.ndarray, k: int, generated_only: bool = True) -> HitRates:
+def hit_rates(model, rows: Sequence[Rows], vocab: np.ndarray, k: int) -> HitRates:
+    """On the rows' generated tokens (what decoding drafts)."""
     import torch
 
-    index = np.full(int(vocab.max()) + 1 if len(vocab) else 1, -1)
-    index[vocab] = np.arange(len(vocab))
     top1 = topk = covered = steps = 0
     model.eval()
     with torch.no_grad():
         for r in rows:
             _, logits = model(torch.from_numpy(r.embd)[None], torch.from_numpy(r.feat[:-1])[None])
             best = torch.topk(logits[0], k, dim=-1).indices.numpy()                     # [R, k] draft ids
-            want = np.where(r.label < len(index), index[np.minimum(r.label, len(index) - 1)], -1)
-            use = r.generated if generated_only else np.ones(len(r.label), bool)
+            want = draft_ids(vocab, r.label)
+            use = r.generated
             steps += int(use.sum())
             covered += int(((want >= 0) & use).sum())
             top1 += int(((best[:, 0] == want) & use).sum())
@@ -199,7 +190,7 @@ def batches(rows: Sequence[Rows], rng: np.random.Generator):
     return [groups[i] for i in rng.permutation(len(groups))]
 
 
-def pad(rows: Sequence[Rows], vocab_index: np.ndarray):
+def pad(rows: Sequence[Rows], vocab: np.ndarray):
     import torch
 
     T = max(len(r.label) for r in rows)
@@ -211,8 +202,7 @@ def pad(rows: Sequence[Rows], vocab_index: np.ndarray):
     for b, r in enumerate(rows):
         R = len(r.label)
         feat[b, :R + 1], embd[b, :R], valid[b, :R] = r.feat, r.embd, True
-        inside = r.label < len(vocab_index)
-        mapped = np.where(inside, vocab_index[np.minimum(r.label, len(vocab_index) - 1)], -1)
+        mapped = draft_ids(vocab, r.label)
         label[b, :R] = np.where(mapped >= 0, mapped, -100)
     return (torch.from_numpy(feat), torch.from_numpy(embd), torch.from_numpy(label), torch.from_numpy(valid))
 
@@ -227,8 +217,6 @@ def train_head(model, train: Sequence[Rows], vocab: np.ndarray, *, epochs: int, 
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    vocab_index = np.full(int(vocab.max()) + 1, -1)
-    vocab_index[vocab] = np.arange(len(vocab))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     plan = [batches(train, rng) for _ in range(epochs)]
     total = sum(len(p) for p in plan)
@@ -248,7 +236,7 @@ def train_head(model, train: Sequence[Rows], vocab: np.ndarray, *, epochs: int, 
         model.train()
         bar = tqdm(plan[epoch], desc=f"head epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress)
         for group in bar:
-            feat, embd, label, valid = pad([train[i] for i in group], vocab_index)
+            feat, embd, label, valid = pad([train[i] for i in group], vocab)
             inputs = feat[:, :-1] + (torch.rand_like(feat[:, :-1]) - 0.5) * 2 * noise * scale
             predicted, logits = model(embd, inputs)
             reg = torch.nn.functional.smooth_l1_loss(predicted[valid] / scale, feat[:, 1:][valid] / scale)

@@ -269,11 +269,8 @@ class Llama(llama_cpp.Llama):
             self._engine.settle(self.input_ids, self.n_tokens, tokens[0])
         # the 2-token repair batch must fit llama_cpp's batch too
         if self._engine is None or not self._decoding or len(tokens) != 1 or room < 2 or self.n_batch < 2:
-            if self._feature_sink is not None:
-                self._eval_feeding(tokens)
-                return
-            self._hook.begin_step(self.n_tokens + len(tokens) - 1)
-            super().eval(tokens)
+            # a fed sink needs every position's state: every token's output then
+            self._eval_batches(tokens, all_logits=self._feature_sink is not None)
             return
         t = self.n_tokens
         try:
@@ -287,15 +284,13 @@ class Llama(llama_cpp.Llama):
             self._requires_eval = True
             raise
 
-    def _eval_feeding(self, tokens: Sequence[int]) -> None:
-        """llama_cpp's eval, with every token's output (as with logits_all) so that the sink gets
-        every position's state."""
+    def _eval_batches(self, tokens: Sequence[int], all_logits: bool) -> None:
+        """llama_cpp's eval (n_batch tokens per decode), through _decode_at."""
         self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
         for i in range(0, len(tokens), self.n_batch):
-            batch, n_past = tokens[i:i + self.n_batch], self.n_tokens
-            self._hook.begin_step(n_past + len(batch) - 1)
-            self._decode_at(n_past, batch, all_logits=True)
-            self._feature_sink.set_features(n_past, self._hook.rows())
+            batch = tokens[i:i + self.n_batch]
+            self._hook.begin_step(self.n_tokens + len(batch) - 1)
+            self._decode_at(self.n_tokens, batch, all_logits)
 
     def _eval_with_exit(self, token: int) -> None:
         """One decode step that may stop after a scheduled layer."""
@@ -312,8 +307,6 @@ class Llama(llama_cpp.Llama):
         stats = self._engine.stats
         stats.first_pass_ms += (time.perf_counter() - start) * 1e3
         if step["exit_layer"] < 0:
-            if self._feature_sink is not None:
-                self._feature_sink.set_features(t, self._hook.rows())
             return
         if self._engine.kv_policy == "mask":
             # llama.cpp left stale logits behind the cut: the sampler must see the exit layer's
@@ -330,8 +323,6 @@ class Llama(llama_cpp.Llama):
         self._hook.begin_step(t + 1)
         self._decode_at(t, [token, step["exit_token"]], all_logits=True)
         stats.repair_ms += (time.perf_counter() - start) * 1e3
-        if self._feature_sink is not None:
-            self._feature_sink.set_features(t, self._hook.rows())
 
     def decode_step(self, token: int) -> np.ndarray:
         """Decode one token as a generation step does (so it may exit early) and return the logits a
@@ -378,6 +369,11 @@ class Llama(llama_cpp.Llama):
             self.scores[n_past:n_past + n, :].reshape(-1)[::] = rows
         self.n_tokens = n_past + n
         self._requires_eval = False
+        if self._feature_sink is not None:
+            # the last layer's rows are the batch's outputs, its last tokens (none after a cut)
+            rows = self._hook.rows()
+            if len(rows):
+                self._feature_sink.set_features(n_past + n - len(rows), rows)
 
     def generate(self, tokens: Sequence[int], **kwargs):
         """llama_cpp.Llama.generate, recording per-token timing in `last_stats`."""

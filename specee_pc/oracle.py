@@ -5,6 +5,7 @@ token is settled and is a candidate (training.oracle_exit_layers); the bound is 
 time over the mean time of steps cut at those layers, each timed here with forced exits (layers
 0..e, less the exit decision, plus one full LM head). Exit decisions and KV repair are not in it.
 """
+import contextlib
 import statistics
 import time
 
@@ -15,14 +16,21 @@ from .llama import Llama
 TIMING_PROMPT = "Write a detailed essay about the history of the Roman Empire."
 
 
-def step_ms_by_exit_layer(path: str, threads: int, n_tokens: int = 32, runs: int = 3, **llama_kwargs) -> np.ndarray:
-    """ms of a decode step cut after each layer plus one full LM head; the last entry is the full step."""
+@contextlib.contextmanager
+def _timing_model(path: str, threads: int, **llama_kwargs):
+    """A Llama whose exits are forced (force_exits picks the layers), for timing cut steps."""
     llm = Llama(path, n_ctx=1024, n_threads=threads, verbose=False, force_exit_layers=[0], kv_policy="mask",
                 **llama_kwargs)
     try:
-        return _step_ms(llm, threads, n_tokens, runs)
+        yield llm
     finally:
         llm.close()
+
+
+def step_ms_by_exit_layer(path: str, threads: int, n_tokens: int = 32, runs: int = 3, **llama_kwargs) -> np.ndarray:
+    """ms of a decode step cut after each layer plus one full LM head; the last entry is the full step."""
+    with _timing_model(path, threads, **llama_kwargs) as llm:
+        return _step_ms(llm, threads, n_tokens, runs)
 
 
 def _decode_ms(llm: Llama, layers, n_tokens: int, runs: int) -> float:
@@ -58,14 +66,10 @@ def _step_ms(llm: Llama, threads: int, n_tokens: int, runs: int) -> np.ndarray:
 def layer_ms(path: str, threads: int, n_tokens: int = 32, runs: int = 3, **llama_kwargs) -> float:
     """ms of one target layer in a decode step: the slope of step time between exits forced
     after the first and after the second-to-last layer."""
-    llm = Llama(path, n_ctx=1024, n_threads=threads, verbose=False, force_exit_layers=[0], kv_policy="mask",
-                **llama_kwargs)
-    try:
+    with _timing_model(path, threads, **llama_kwargs) as llm:
         n_layer = llm.weights.n_layer
         first = _decode_ms(llm, [0], n_tokens, runs)
         return (_decode_ms(llm, [n_layer - 2], n_tokens, runs) - first) / (n_layer - 2)
-    finally:
-        llm.close()
 
 
 def speed_bound(exit_layers: np.ndarray, step_ms: np.ndarray) -> float:

@@ -185,12 +185,12 @@ def add_head(writer, head: HeadWeights) -> None:
         writer.add_tensor(f"head.{name}", np.ascontiguousarray(head.tensors[name], dtype=np.float32))
 
 
-def read_head(reader) -> Optional[HeadWeights]:
+def read_head(reader, value) -> Optional[HeadWeights]:
+    """The draft head of a GGUFReader's file (None without one); value(key) reads metadata."""
     import gguf
 
     if "specee.head.n_head" not in reader.fields:
         return None
-    value = lambda key: reader.fields[key].contents()  # noqa: E731
     tensors = {t.name: t for t in reader.tensors if t.name.startswith("head.")}
     weights = {}
     for name in HEAD_MATRICES + HEAD_VECTORS:
@@ -235,7 +235,7 @@ def read_predictor_file(path: str) -> PredictorFile:
             layers[il] = LayerPredictor(fc1.reshape(-1, 3 * value("specee.k")), tensors[prefix + "fc1.bias"],
                                         tensors[prefix + "fc2.weight"].reshape(-1), float(tensors[prefix + "fc2.bias"][0]))
     try:
-        head = read_head(reader)
+        head = read_head(reader, value)
     except (KeyError, ValueError) as e:
         raise ModelFileError(f"{path}: broken draft head ({e})") from None
     return PredictorFile(

@@ -14,7 +14,7 @@ from specee_pc.default_model import shipped_predictor_path
 from specee_pc.calibration import chat_tokens
 from specee_pc.errors import ModelFileError
 from specee_pc.head_model import DraftHeadModel
-from specee_pc.head_training import FeatureRecorder, final_norm
+from specee_pc.head_training import FeatureRecorder
 from specee_pc.predictor_file import read_predictor_file, write_predictor_file
 from specee_pc.replay import ReplayExits
 
@@ -57,7 +57,7 @@ def test_fed_hidden_states_are_the_full_models_last_layer(llm, model_path, trace
     finally:
         every_row.close()
     w = llm.weights
-    ours = np.stack([w.lm_head_logits(z, N_THREADS) for z in final_norm(w, hidden)])
+    ours = np.stack([w.lm_head_logits(z, N_THREADS) for z in w.final_norm(hidden)])
     # batch shapes differ (our prompt batch, then one token per step), so near-ties may flip
     assert (ours.argmax(1) == expected.argmax(1)).mean() > 0.9
     assert np.abs(ours - expected).max() < 0.05 * np.abs(expected).max()
@@ -68,7 +68,7 @@ def torch_head(llm, head):
 
 
 def run_torch(llm, model, tokens, hidden):
-    feat = final_norm(llm.weights, hidden)
+    feat = llm.weights.final_norm(hidden)
     embd = llm.weights.embd_rows(tokens[1:].tolist())
     with torch.no_grad():
         h, logits = model(torch.from_numpy(embd)[None], torch.from_numpy(feat)[None])
