@@ -5,6 +5,10 @@
 // the draft vocabulary are the candidates for the token at j + 2. One decoder layer (no input
 // norm, as EAGLE-1), its own KV cache over positions, the target's LM-head rows for the draft
 // vocabulary copied as stored.
+//
+// Decoding proposes one row per step, so that graph is built once per STEP_LEN_ALIGN positions
+// and reused: its K/V writes go through index inputs (set_rows) and its attention spans a padded
+// length with the tail masked. Q/K/V and gate/up are fused at load (one matrix product each).
 #include "specee.h"
 
 #include "ggml-alloc.h"
@@ -28,6 +32,7 @@ namespace {
 constexpr int GRAPH_SIZE = 256;
 constexpr int32_t MAX_ROWS   = 256;      // rows per graph
 constexpr int64_t MAX_SCORES = 16 << 20; // [len, rows, n_head] attention scores per graph (64 MiB of f32)
+constexpr int32_t STEP_LEN_ALIGN = 64;   // a step graph attends over a multiple of this many positions
 
 const char * const WEIGHT_NAMES[] = {
     "head.fc.weight",        "head.fc.bias",          "head.attn_q.weight",  "head.attn_k.weight",
@@ -56,7 +61,26 @@ float get_f32(const gguf_context * g, const char * key) {
     return gguf_get_val_f32(g, id);
 }
 
+// which fused matrix a file tensor is part of: 0 (q/k/v), 1 (gate/up), -1 none
+int fused_part(int i) {
+    return i == WQ || i == WK || i == WV ? 0 : i == W_GATE || i == W_UP ? 1 : -1;
+}
+
 } // namespace
+
+struct head_inputs {
+    ggml_tensor * x, * pos, * mask, * k_idx, * v_idx;
+};
+
+// a built and allocated graph (the one-row step graph is kept across proposals)
+struct head_graph {
+    ggml_context * ctx    = nullptr;
+    ggml_cgraph *  gf     = nullptr;
+    head_inputs    in{};
+    ggml_tensor *  hidden = nullptr; // [n_embd, n]
+    ggml_tensor *  logits = nullptr; // [n_draft_vocab, n or 1]
+    int32_t        len    = 0;       // KV positions its attention spans
+};
 
 struct specee_head {
     const specee_weights * target = nullptr;
@@ -67,8 +91,11 @@ struct specee_head {
     ggml_threadpool_t     threadpool = nullptr; // CPU: kept across proposals (no thread start per graph)
     ggml_context *        ctx_w   = nullptr; // weights, KV cache
     ggml_backend_buffer_t buf_w   = nullptr;
-    ggml_gallocr_t        galloc  = nullptr;
-    ggml_tensor *         w[N_WEIGHTS] = {};
+    ggml_gallocr_t        galloc  = nullptr; // multi-row graphs
+    ggml_gallocr_t        step_galloc = nullptr; // the step graph only: its allocation must outlive other graphs
+    ggml_tensor *         w[N_WEIGHTS] = {}; // WQ/WK/WV and W_GATE/W_UP stay unallocated: read into w_qkv, w_gate_up
+    ggml_tensor *         w_qkv     = nullptr; // [n_embd, q + 2 kv]
+    ggml_tensor *         w_gate_up = nullptr; // [n_embd, 2 n_ff]: gate rows, then up rows
     ggml_tensor *         lm_rows = nullptr; // [n_embd, n_draft_vocab], the target's type
     ggml_tensor *         k_cache = nullptr; // [n_head_kv * head_dim, n_ctx]
     ggml_tensor *         v_cache = nullptr; // [n_ctx, n_head_kv * head_dim]: transposed, attention reads it as is
@@ -78,9 +105,12 @@ struct specee_head {
     std::vector<uint8_t> have;        // [n_ctx]
     std::vector<int32_t> cache_tokens; // token of each cached row (row j holds token j + 1)
     std::vector<float>   logits;      // last row's draft-vocabulary logits
-    std::vector<uint8_t> graph_meta;  // tensor and graph structs of the graph being built
-    std::vector<float>   embd, mask;  // graph inputs, kept across proposals (no allocation per step)
+    std::vector<uint8_t> graph_meta;  // tensor and graph structs of a multi-row graph
+    std::vector<uint8_t> step_meta;   // ... of the step graph
+    head_graph           step;
+    std::vector<float>   x, mask;     // graph inputs, kept across proposals (no allocation per step)
     std::vector<int32_t> pos;
+    std::vector<int64_t> k_idx, v_idx;
 };
 
 namespace {
@@ -109,7 +139,7 @@ void load_weights(specee_head * h, const char * path) {
         if (!vocab_t || vocab_t->type != GGML_TYPE_I32 || ggml_n_dims(vocab_t) != 1) fail("draft head has no head.vocab (i32)");
         in.n_draft_vocab = (int32_t) vocab_t->ne[0];
 
-        h->ctx_w = ggml_init(ggml_init_params{ggml_tensor_overhead() * (N_WEIGHTS + 4), nullptr, /*no_alloc =*/ true});
+        h->ctx_w = ggml_init(ggml_init_params{ggml_tensor_overhead() * (N_WEIGHTS + 6), nullptr, /*no_alloc =*/ true});
         const ggml_tensor * src[N_WEIGHTS];
         for (int i = 0; i < N_WEIGHTS; ++i) {
             src[i] = ggml_get_tensor(meta, WEIGHT_NAMES[i]);
@@ -125,8 +155,13 @@ void load_weights(specee_head * h, const char * path) {
                 fail(std::string("draft head tensor ") + WEIGHT_NAMES[i] + " has type " + ggml_type_name(t) +
                      (vector ? ", not f32" : ", not one of f32, f16, q8_0, q4_0"));
             }
-            h->w[i] = ggml_new_tensor_2d(h->ctx_w, src[i]->type, shapes[i][0], shapes[i][1]);
+            if (fused_part(i) < 0) h->w[i] = ggml_new_tensor_2d(h->ctx_w, src[i]->type, shapes[i][0], shapes[i][1]);
         }
+        if (src[WQ]->type != src[WK]->type || src[WQ]->type != src[WV]->type || src[W_GATE]->type != src[W_UP]->type) {
+            fail("draft head stores q/k/v (or gate/up) in different types: they are fused into one matrix");
+        }
+        h->w_qkv     = ggml_new_tensor_2d(h->ctx_w, src[WQ]->type, d, q + 2 * kv);
+        h->w_gate_up = ggml_new_tensor_2d(h->ctx_w, src[W_GATE]->type, d, 2 * ff);
         const ggml_type lm_type = (ggml_type) specee_weights_lm_head_ggml_type(h->target);
         h->lm_rows = ggml_new_tensor_2d(h->ctx_w, lm_type, d, in.n_draft_vocab);
         h->k_cache = ggml_new_tensor_2d(h->ctx_w, GGML_TYPE_F32, kv, h->n_ctx);
@@ -147,10 +182,14 @@ void load_weights(specee_head * h, const char * path) {
             }
         };
         std::vector<uint8_t> bytes;
+        size_t fused_offset[2] = {0, 0}; // parts are stacked in file order: q, k, v / gate, up
         for (int i = 0; i < N_WEIGHTS; ++i) {
-            bytes.resize(ggml_nbytes(h->w[i]));
+            const int part = fused_part(i);
+            ggml_tensor * dst = part < 0 ? h->w[i] : part == 0 ? h->w_qkv : h->w_gate_up;
+            bytes.resize(ggml_row_size(src[i]->type, src[i]->ne[0]) * ggml_nrows(src[i]));
             read(WEIGHT_NAMES[i], bytes.data(), bytes.size());
-            ggml_backend_tensor_set(h->w[i], bytes.data(), 0, bytes.size());
+            ggml_backend_tensor_set(dst, bytes.data(), part < 0 ? 0 : fused_offset[part], bytes.size());
+            if (part >= 0) fused_offset[part] += bytes.size();
         }
         h->vocab.resize(in.n_draft_vocab);
         read("head.vocab", h->vocab.data(), h->vocab.size() * sizeof(int32_t));
@@ -171,111 +210,139 @@ void load_weights(specee_head * h, const char * path) {
     ggml_free(meta);
 }
 
-struct head_inputs {
-    ggml_tensor * embd, * feat, * pos, * mask;
-};
-
-// The graph of rows [p0, p0 + n): writes their K/V into the cache, returns the hidden states
-// [n_embd, n] (out_hidden) and logits [n_draft_vocab, n or 1] (out_logits).
-ggml_cgraph * build_graph(specee_head * h, ggml_context * ctx, int32_t p0, int32_t n, bool all_logits, head_inputs & in,
-                          ggml_tensor ** out_hidden, ggml_tensor ** out_logits) {
+// The graph of n rows attending over KV positions [0, len): writes the rows' K/V into the cache
+// at the positions given as inputs (k_idx, v_idx), then returns the hidden states [n_embd, n] and
+// logits [n_draft_vocab, n or 1]. The mask hides positions a row may not see, padding included.
+void build_graph(specee_head * h, int32_t n, int32_t len, bool all_logits, head_graph & g) {
     const specee_head_info & hi = h->info;
-    const int64_t d = hi.n_embd, hd = hi.head_dim, kv = (int64_t) hi.n_head_kv * hd, n_kv_len = p0 + n;
+    const int64_t d = hi.n_embd, hd = hi.head_dim, q_size = (int64_t) hi.n_head * hd, kv = (int64_t) hi.n_head_kv * hd;
+    ggml_context * ctx = g.ctx;
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, GRAPH_SIZE, false);
+    head_inputs & in = g.in;
 
-    in.embd = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, d, n);
-    in.feat = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, d, n);
-    in.pos  = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
-    in.mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv_len, n);
-    for (ggml_tensor * t : {in.embd, in.feat, in.pos, in.mask}) ggml_set_input(t);
+    in.x     = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 2 * d, n); // [embedding of the next token, feature] (EAGLE's order)
+    in.pos   = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+    in.mask  = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, len, n);
+    in.k_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
+    in.v_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n * kv);
+    for (ggml_tensor * t : {in.x, in.pos, in.mask, in.k_idx, in.v_idx}) ggml_set_input(t);
 
-    // fc: [embedding of the next token, feature] -> d (EAGLE's order)
-    ggml_tensor * x = ggml_add(ctx, ggml_mul_mat(ctx, h->w[FC_W], ggml_concat(ctx, in.embd, in.feat, 0)), h->w[FC_B]);
+    ggml_tensor * x = ggml_add(ctx, ggml_mul_mat(ctx, h->w[FC_W], in.x), h->w[FC_B]);
 
     // attention, no input norm; rope as GPT-NeoX (rotate halves)
-    ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, h->w[WQ], x), hd, hi.n_head, n);
-    ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, h->w[WK], x), hd, hi.n_head_kv, n);
-    ggml_tensor * v = ggml_mul_mat(ctx, h->w[WV], x);
+    ggml_tensor * qkv = ggml_mul_mat(ctx, h->w_qkv, x); // [q + 2 kv, n]
+    const size_t f = sizeof(float);
+    ggml_tensor * q = ggml_view_3d(ctx, qkv, hd, hi.n_head, n, hd * f, qkv->nb[1], 0);
+    ggml_tensor * k = ggml_view_3d(ctx, qkv, hd, hi.n_head_kv, n, hd * f, qkv->nb[1], q_size * f);
+    ggml_tensor * v = ggml_view_2d(ctx, qkv, kv, n, qkv->nb[1], (q_size + kv) * f);
+    if (n > 1) v = ggml_cont(ctx, v); // one column is contiguous as it is
     q = ggml_rope_ext(ctx, q, in.pos, nullptr, (int) hd, GGML_ROPE_TYPE_NEOX, 0, hi.rope_freq_base, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
     k = ggml_rope_ext(ctx, k, in.pos, nullptr, (int) hd, GGML_ROPE_TYPE_NEOX, 0, hi.rope_freq_base, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
 
-    // this batch's K/V into the cache first (the graph runs in order), then attend over it
-    ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, k, kv, n),
-                                           ggml_view_2d(ctx, h->k_cache, kv, n, h->k_cache->nb[1], (size_t) p0 * h->k_cache->nb[1])));
-    ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_transpose(ctx, v),
-                                           ggml_view_2d(ctx, h->v_cache, n, kv, h->v_cache->nb[1], (size_t) p0 * sizeof(float))));
-    ggml_tensor * K = ggml_view_3d(ctx, h->k_cache, hd, hi.n_head_kv, n_kv_len, hd * sizeof(float), h->k_cache->nb[1], 0);
-    ggml_tensor * V = ggml_view_3d(ctx, h->v_cache, n_kv_len, hd, hi.n_head_kv, h->v_cache->nb[1], hd * h->v_cache->nb[1], 0); // [len, hd, kvh]
+    // K/V of these rows into the cache, then attention reads the cache through the writes
+    // (the views hang off them: computed after them); V is stored transposed, one value per row
+    ggml_tensor * k_all = ggml_set_rows(ctx, h->k_cache, ggml_reshape_2d(ctx, k, kv, n), in.k_idx);
+    ggml_tensor * v_all = ggml_set_rows(ctx, ggml_reshape_2d(ctx, h->v_cache, 1, ggml_nelements(h->v_cache)),
+                                        ggml_reshape_2d(ctx, v, 1, kv * n), in.v_idx);
+    ggml_tensor * K = ggml_view_3d(ctx, k_all, hd, hi.n_head_kv, len, hd * f, h->k_cache->nb[1], 0);
+    ggml_tensor * V = ggml_view_3d(ctx, v_all, len, hd, hi.n_head_kv, h->v_cache->nb[1], hd * h->v_cache->nb[1], 0); // [len, hd, kvh]
     ggml_tensor * kq = ggml_mul_mat(ctx, ggml_permute(ctx, K, 0, 2, 1, 3), ggml_permute(ctx, q, 0, 2, 1, 3)); // [len, n, n_head]
     kq = ggml_soft_max_ext(ctx, kq, in.mask, 1.0f / sqrtf((float) hd), 0.0f);
     ggml_tensor * kqv = ggml_mul_mat(ctx, V, kq);                                                       // [hd, n, n_head]
     ggml_tensor * attn = ggml_reshape_2d(ctx, ggml_cont(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3)), hd * hi.n_head, n);
     x = ggml_add(ctx, x, ggml_mul_mat(ctx, h->w[WO], attn));
 
-    // SwiGLU MLP with pre-norm
+    // SwiGLU MLP with pre-norm: silu(gate) * up in one op over the fused product
     ggml_tensor * xn = ggml_mul(ctx, ggml_rms_norm(ctx, x, hi.norm_eps), h->w[FFN_NORM]);
-    ggml_tensor * ff = ggml_mul(ctx, ggml_silu(ctx, ggml_mul_mat(ctx, h->w[W_GATE], xn)), ggml_mul_mat(ctx, h->w[W_UP], xn));
-    x = ggml_add(ctx, x, ggml_mul_mat(ctx, h->w[W_DOWN], ff));
+    x = ggml_add(ctx, x, ggml_mul_mat(ctx, h->w[W_DOWN], ggml_swiglu(ctx, ggml_mul_mat(ctx, h->w_gate_up, xn))));
 
     ggml_tensor * last = all_logits ? x : ggml_view_2d(ctx, x, d, 1, x->nb[1], (size_t) (n - 1) * x->nb[1]);
-    *out_hidden = x;
-    *out_logits = ggml_mul_mat(ctx, h->lm_rows, last);
-    ggml_set_output(*out_hidden);
-    ggml_set_output(*out_logits);
-    ggml_build_forward_expand(gf, *out_hidden);
-    ggml_build_forward_expand(gf, *out_logits);
-    return gf;
+    g.hidden = x;
+    g.logits = ggml_mul_mat(ctx, h->lm_rows, last);
+    ggml_set_output(g.hidden);
+    ggml_set_output(g.logits);
+    ggml_build_forward_expand(gf, g.hidden);
+    ggml_build_forward_expand(gf, g.logits);
+    g.gf  = gf;
+    g.len = len;
+}
+
+// graph inputs for rows [p0, p0 + n) of a graph spanning g.len positions; false on an unknown token
+bool set_inputs(specee_head * h, const head_graph & g, const int32_t * tokens, int32_t p0, int32_t n) {
+    const int32_t d = h->info.n_embd, kv = h->info.n_head_kv * h->info.head_dim, len = g.len;
+    h->x.resize((size_t) n * 2 * d);
+    for (int32_t i = 0; i < n; ++i) {
+        float * row = h->x.data() + (size_t) i * 2 * d;
+        if (!specee_weights_embd_rows(h->target, tokens + p0 + 1 + i, 1, row)) return false;
+        memcpy(row + d, h->features.data() + (size_t) (p0 + i) * d, (size_t) d * sizeof(float));
+    }
+    h->pos.resize(n);
+    std::iota(h->pos.begin(), h->pos.end(), p0);
+    h->k_idx.assign(h->pos.begin(), h->pos.end());
+    h->v_idx.resize((size_t) n * kv);
+    for (int32_t i = 0; i < n; ++i) {
+        for (int32_t r = 0; r < kv; ++r) h->v_idx[(size_t) i * kv + r] = (int64_t) r * h->n_ctx + p0 + i;
+    }
+    h->mask.assign((size_t) len * n, 0.0f);
+    for (int32_t i = 0; i < n; ++i) { // row i sees positions <= p0 + i
+        std::fill(h->mask.begin() + (size_t) i * len + p0 + i + 1, h->mask.begin() + (size_t) (i + 1) * len, -INFINITY);
+    }
+    ggml_backend_tensor_set(g.in.x, h->x.data(), 0, ggml_nbytes(g.in.x));
+    ggml_backend_tensor_set(g.in.pos, h->pos.data(), 0, ggml_nbytes(g.in.pos));
+    ggml_backend_tensor_set(g.in.mask, h->mask.data(), 0, ggml_nbytes(g.in.mask));
+    ggml_backend_tensor_set(g.in.k_idx, h->k_idx.data(), 0, ggml_nbytes(g.in.k_idx));
+    ggml_backend_tensor_set(g.in.v_idx, h->v_idx.data(), 0, ggml_nbytes(g.in.v_idx));
+    return true;
+}
+
+// The step graph spanning len positions, built and allocated once per length
+head_graph * step_graph(specee_head * h, int32_t len) {
+    if (h->step.len == len) return &h->step;
+    if (h->step.ctx) ggml_free(h->step.ctx);
+    h->step = head_graph{};
+    h->step.ctx = ggml_init(ggml_init_params{h->step_meta.size(), h->step_meta.data(), /*no_alloc =*/ true});
+    build_graph(h, 1, len, false, h->step);
+    if (!ggml_gallocr_alloc_graph(h->step_galloc, h->step.gf)) {
+        h->step.len = 0;
+        return nullptr;
+    }
+    return &h->step;
 }
 
 // Runs rows [p0, p0 + n) over the stored features and tokens[p0 + 1 ..]; false on a missing
 // feature or allocation failure. Copies hidden states / logits out when asked.
 bool run_rows(specee_head * h, const int32_t * tokens, int32_t p0, int32_t n, float * out_hidden, float * out_logits, bool all_logits) {
-    const int32_t d = h->info.n_embd;
     for (int32_t j = p0; j < p0 + n; ++j) {
         if (!h->have[j]) return false;
     }
     // from here the cache's rows >= p0 change: a failure must not leave them claimed
     if ((int32_t) h->cache_tokens.size() > p0) h->cache_tokens.resize(p0);
-    ggml_context * ctx = ggml_init(ggml_init_params{h->graph_meta.size(), h->graph_meta.data(), /*no_alloc =*/ true});
-    head_inputs in{};
-    ggml_tensor * hidden = nullptr, * logits = nullptr;
-    ggml_cgraph * gf = build_graph(h, ctx, p0, n, all_logits, in, &hidden, &logits);
-    bool ok = ggml_gallocr_alloc_graph(h->galloc, gf);
-    if (ok) {
-        h->embd.resize((size_t) n * d);
-        ok = specee_weights_embd_rows(h->target, tokens + p0 + 1, n, h->embd.data());
-        if (ok) {
-            h->pos.resize(n);
-            std::iota(h->pos.begin(), h->pos.end(), p0);
-            const int32_t len = p0 + n;
-            h->mask.assign((size_t) len * n, 0.0f);
-            for (int32_t i = 0; i < n; ++i) {
-                std::fill(h->mask.begin() + (size_t) i * len + p0 + i + 1, h->mask.begin() + (size_t) (i + 1) * len, -INFINITY);
-            }
-            ggml_backend_tensor_set(in.embd, h->embd.data(), 0, ggml_nbytes(in.embd));
-            ggml_backend_tensor_set(in.feat, h->features.data() + (size_t) p0 * d, 0, ggml_nbytes(in.feat));
-            ggml_backend_tensor_set(in.pos, h->pos.data(), 0, ggml_nbytes(in.pos));
-            ggml_backend_tensor_set(in.mask, h->mask.data(), 0, ggml_nbytes(in.mask));
-            ok = ggml_backend_graph_compute(h->backend, gf) == GGML_STATUS_SUCCESS;
-        }
+    head_graph rows_graph;
+    head_graph * g = nullptr;
+    if (n == 1 && !all_logits) {
+        g = step_graph(h, std::min(h->n_ctx, (p0 + STEP_LEN_ALIGN) / STEP_LEN_ALIGN * STEP_LEN_ALIGN));
+    } else {
+        rows_graph.ctx = ggml_init(ggml_init_params{h->graph_meta.size(), h->graph_meta.data(), /*no_alloc =*/ true});
+        build_graph(h, n, p0 + n, all_logits, rows_graph);
+        if (ggml_gallocr_alloc_graph(h->galloc, rows_graph.gf)) g = &rows_graph;
     }
+    bool ok = g && set_inputs(h, *g, tokens, p0, n) && ggml_backend_graph_compute(h->backend, g->gf) == GGML_STATUS_SUCCESS;
     if (ok) {
-        if (out_hidden) ggml_backend_tensor_get(hidden, out_hidden, 0, ggml_nbytes(hidden));
-        ggml_backend_tensor_get(logits, out_logits ? out_logits : h->logits.data(), 0, ggml_nbytes(logits));
+        if (out_hidden) ggml_backend_tensor_get(g->hidden, out_hidden, 0, ggml_nbytes(g->hidden));
+        ggml_backend_tensor_get(g->logits, out_logits ? out_logits : h->logits.data(), 0, ggml_nbytes(g->logits));
         h->cache_tokens.insert(h->cache_tokens.end(), tokens + p0 + 1, tokens + p0 + n + 1);
     }
-    ggml_free(ctx);
+    if (rows_graph.ctx) ggml_free(rows_graph.ctx);
     return ok;
 }
 
-// Compute memory for a one-row step at the last position: decoding then never grows the
-// allocator's buffer (it would, a little, at every step as the context grows)
+// Compute memory for the step graph at its longest: decoding then never grows its buffer
 void reserve_step_graph(specee_head * h) {
-    ggml_context * ctx = ggml_init(ggml_init_params{h->graph_meta.size(), h->graph_meta.data(), /*no_alloc =*/ true});
-    head_inputs in{};
-    ggml_tensor * hidden = nullptr, * logits = nullptr;
-    const bool ok = ggml_gallocr_reserve(h->galloc, build_graph(h, ctx, h->n_ctx - 1, 1, false, in, &hidden, &logits));
-    ggml_free(ctx);
+    head_graph g;
+    g.ctx = ggml_init(ggml_init_params{h->step_meta.size(), h->step_meta.data(), /*no_alloc =*/ true});
+    build_graph(h, 1, h->n_ctx, false, g);
+    const bool ok = ggml_gallocr_reserve(h->step_galloc, g.gf);
+    ggml_free(g.ctx);
     if (!ok) fail("cannot allocate the draft head's compute memory");
 }
 
@@ -299,12 +366,14 @@ specee_head * specee_head_init_from_file(const char * path, const specee_weights
             ggml_backend_cpu_set_threadpool(h->backend, h->threadpool);
         }
         load_weights(h, path);
-        h->galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(h->backend));
-        if (!h->galloc) fail("cannot create the draft head's graph allocator");
+        h->galloc      = ggml_gallocr_new(ggml_backend_get_default_buffer_type(h->backend));
+        h->step_galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(h->backend));
+        if (!h->galloc || !h->step_galloc) fail("cannot create the draft head's graph allocators");
         h->features.assign((size_t) h->n_ctx * h->info.n_embd, 0.0f);
         h->have.assign(h->n_ctx, 0);
         h->logits.resize(h->info.n_draft_vocab);
         h->graph_meta.resize(ggml_tensor_overhead() * GRAPH_SIZE + ggml_graph_overhead_custom(GRAPH_SIZE, false));
+        h->step_meta.resize(h->graph_meta.size());
         reserve_step_graph(h);
         return h;
     } catch (const head_error & e) {
@@ -318,6 +387,8 @@ specee_head * specee_head_init_from_file(const char * path, const specee_weights
 
 void specee_head_free(specee_head * h) {
     if (!h) return;
+    if (h->step.ctx) ggml_free(h->step.ctx);
+    if (h->step_galloc) ggml_gallocr_free(h->step_galloc);
     if (h->galloc) ggml_gallocr_free(h->galloc);
     if (h->buf_w) ggml_backend_buffer_free(h->buf_w);
     if (h->ctx_w) ggml_free(h->ctx_w);

@@ -6,9 +6,16 @@ sequence goes to its own .npz shard as soon as it is done, so an interrupted run
 Training (EAGLE-1): row j reads (f_j, embedding of token j+1) and must predict f_{j+1}
 (smooth-L1) and the target's greedy token after it (cross-entropy over the draft vocabulary,
 weight 0.1); input features get uniform noise, as EAGLE's.
+
+Exit-layer states: after an early exit the engine feeds the head the exit layer's state
+instead of the last layer's, which a head trained on final states only has never seen. So at
+every generated position the recorder also keeps the state after one random layer of the
+upper half (where exits happen), and training swaps it in as the input for a share of rows
+(`exit_mix`); the regression target stays the final state.
 """
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 
@@ -21,34 +28,53 @@ MAX_ROWS = 1024       # rows per training sequence (longer prompts keep their en
 TOKENS_PER_BATCH = 4096
 
 
-class FeatureRecorder:
-    """A feature sink (Llama.feed_hidden_states) that keeps every position's hidden state."""
+def exit_state_layers(n_layer: int) -> List[int]:
+    """Layers whose state may stand in for the last layer's after an exit: the upper half."""
+    return list(range(n_layer // 2, n_layer - 1))
 
-    def __init__(self, n_ctx: int, n_embd: int):
+
+class FeatureRecorder:
+    """A feature sink (Llama.feed_hidden_states) that keeps every position's hidden state and,
+    at single-token steps, the state after one random exit-state layer (the hook captures them)."""
+
+    def __init__(self, llm, layers: Sequence[int], rng: np.random.Generator):
+        n_ctx, n_embd = llm.n_ctx(), llm.weights.n_embd
+        self.llm, self.layers, self.rng = llm, list(layers), rng
         self.hidden = np.zeros((n_ctx, n_embd), np.float32)
+        self.exit_hidden = np.zeros((n_ctx, n_embd), np.float32)
+        self.exit_layer = np.full(n_ctx, -1, np.int16)
         self.n = 0
 
     def set_features(self, position: int, hidden: np.ndarray) -> None:
         self.hidden[position:position + len(hidden)] = hidden
+        if len(hidden) == 1 and self.layers:  # a batch's hook states are its last token's: steps only
+            layer = int(self.rng.choice(self.layers))
+            self.exit_hidden[position] = self.llm.hidden_state(layer)
+            self.exit_layer[position] = layer
         self.n = max(self.n, position + len(hidden))
 
     def reset(self) -> None:
         self.n = 0
+        self.exit_layer[:] = -1
 
 
 @dataclass
 class Trace:
-    tokens: np.ndarray   # [T] int32: prompt then greedy output
-    hidden: np.ndarray   # [T-1, d] float16: residual stream after the last layer at positions 0..T-2
+    tokens: np.ndarray       # [T] int32: prompt then greedy output
+    hidden: np.ndarray       # [T-1, d] float16: residual stream after the last layer at positions 0..T-2
     n_prompt: int
+    exit_hidden: np.ndarray  # [T-1, d] float16: ... after exit_layer (zeros where it is -1)
+    exit_layer: np.ndarray   # [T-1] int16: the layer of exit_hidden, -1: none (prompt positions)
 
 
-def record_sequence(llm, prompt_tokens: Sequence[int], n_new: int) -> Trace:
+def record_sequence(llm, prompt_tokens: Sequence[int], n_new: int, rng: np.random.Generator) -> Trace:
     """Greedy decode of up to n_new tokens by the full model, keeping every position's state."""
     if llm.exit_stats is not None:
         raise ValueError("head data comes from the full model: configure_exits() off first")
-    recorder = FeatureRecorder(llm.n_ctx(), llm.weights.n_embd)
+    layers = exit_state_layers(llm.weights.n_layer)
+    recorder = FeatureRecorder(llm, layers, rng)
     llm.feed_hidden_states(recorder)
+    llm.capture_layers(layers)
     tokens = list(prompt_tokens)
     try:
         for i, token in enumerate(llm.generate(prompt_tokens, temp=0.0)):
@@ -57,10 +83,12 @@ def record_sequence(llm, prompt_tokens: Sequence[int], n_new: int) -> Trace:
                 break
     finally:
         llm.feed_hidden_states(None)
+        llm.capture_layers([])
     n = len(tokens) - 1  # the last token was emitted, never decoded
     if recorder.n < n:
         raise RuntimeError(f"hidden states missing: {recorder.n} of {n} positions recorded")
-    return Trace(np.asarray(tokens, np.int32), recorder.hidden[:n].astype(np.float16), len(prompt_tokens))
+    return Trace(np.asarray(tokens, np.int32), recorder.hidden[:n].astype(np.float16), len(prompt_tokens),
+                 recorder.exit_hidden[:n].astype(np.float16), recorder.exit_layer[:n].copy())
 
 
 def collect_sequences(llm, prompts: Sequence[Prompt], work_dir: str, n_new: int,
@@ -70,12 +98,16 @@ def collect_sequences(llm, prompts: Sequence[Prompt], work_dir: str, n_new: int,
         tokens = chat_tokens(llm, prompt.text)
         if len(tokens) + 2 > llm.n_ctx():
             tokens = tokens[-(llm.n_ctx() // 2):]  # keep the end: the chat template's assistant turn
-        return record_sequence(llm, tokens, n_new).__dict__
+        rng = np.random.default_rng(zlib.crc32(prompt.text.encode()))  # per prompt: a resumed run draws the same
+        return record_sequence(llm, tokens, n_new, rng).__dict__
 
     traces = []
     for path in record_shards(prompts, work_dir, record, description):
         with np.load(path) as f:
-            traces.append(Trace(f["tokens"], f["hidden"], int(f["n_prompt"])))
+            if "exit_layer" not in f:
+                raise ValueError(f"{path}: head data from an older specee-pc (no exit-layer states): "
+                                 f"delete {work_dir} to record it again")
+            traces.append(Trace(f["tokens"], f["hidden"], int(f["n_prompt"]), f["exit_hidden"], f["exit_layer"]))
     return traces
 
 
@@ -86,6 +118,8 @@ class Rows:
     embd: np.ndarray    # [R, d] embeddings of tokens 1..R
     label: np.ndarray   # [R] target's greedy token after f_{j+1}
     generated: np.ndarray  # [R] bool: that token is one the model generated (what decoding drafts)
+    exit_feat: np.ndarray  # [R, d] normed exit-layer states standing in for input rows 0..R-1
+    has_exit: np.ndarray   # [R] bool: exit_feat holds one
 
 
 def greedy_labels(lm, feat: np.ndarray, chunk: int = 512) -> np.ndarray:
@@ -111,11 +145,15 @@ def build_rows(weights, sequences: Sequence[Trace]) -> List[Rows]:
         feat = feat[start:]
         tokens = seq.tokens[start:]
         n_rows = len(feat) - 1
+        has_exit = seq.exit_layer[start:start + n_rows] >= 0
+        exit_feat = np.zeros((n_rows, feat.shape[1]), np.float32)
+        if has_exit.any():
+            exit_feat[has_exit] = weights.final_norm(seq.exit_hidden[start:start + n_rows][has_exit].astype(np.float32))
         # the token after f_{j+1}: the one decoding emitted where it generated, else the LM head's argmax
         generated = np.arange(start, start + n_rows) + 2 >= seq.n_prompt
         label = tokens[np.minimum(np.arange(n_rows) + 2, len(tokens) - 1)].astype(np.int64)
         label[~generated] = greedy_labels(lm, feat[1:][~generated])
-        out.append(Rows(feat, weights.embd_rows(tokens[1:n_rows + 1].tolist()), label, generated))
+        out.append(Rows(feat, weights.embd_rows(tokens[1:n_rows + 1].tolist()), label, generated, exit_feat, has_exit))
     return out
 
 
@@ -144,15 +182,17 @@ class HitRates:
     steps: int
 
 
-def hit_rates(model, rows: Sequence[Rows], vocab: np.ndarray, k: int) -> HitRates:
-    """On the rows' generated tokens (what decoding drafts)."""
+def hit_rates(model, rows: Sequence[Rows], vocab: np.ndarray, k: int, exit_fed: bool = False) -> HitRates:
+    """On the rows' generated tokens (what decoding drafts); exit_fed: every input with an
+    exit-layer state reads it instead of the final state (as if every step had exited)."""
     import torch
 
     top1 = topk = covered = steps = 0
     model.eval()
     with torch.no_grad():
         for r in rows:
-            _, logits = model(torch.from_numpy(r.embd)[None], torch.from_numpy(r.feat[:-1])[None])
+            feat = np.where(r.has_exit[:, None], r.exit_feat, r.feat[:-1]) if exit_fed else r.feat[:-1]
+            _, logits = model(torch.from_numpy(r.embd)[None], torch.from_numpy(feat)[None])
             best = torch.topk(logits[0], k, dim=-1).indices.numpy()                     # [R, k] draft ids
             want = draft_ids(vocab, r.label)
             use = r.generated
@@ -196,21 +236,25 @@ def pad(rows: Sequence[Rows], vocab: np.ndarray):
     T = max(len(r.label) for r in rows)
     d = rows[0].feat.shape[1]
     feat = np.zeros((len(rows), T + 1, d), np.float32)
+    exit_feat = np.zeros((len(rows), T, d), np.float32)
     embd = np.zeros((len(rows), T, d), np.float32)
     label = np.full((len(rows), T), -100, np.int64)
     valid = np.zeros((len(rows), T), bool)
+    has_exit = np.zeros((len(rows), T), bool)
     for b, r in enumerate(rows):
         R = len(r.label)
         feat[b, :R + 1], embd[b, :R], valid[b, :R] = r.feat, r.embd, True
+        exit_feat[b, :R], has_exit[b, :R] = r.exit_feat, r.has_exit
         mapped = draft_ids(vocab, r.label)
         label[b, :R] = np.where(mapped >= 0, mapped, -100)
-    return (torch.from_numpy(feat), torch.from_numpy(embd), torch.from_numpy(label), torch.from_numpy(valid))
+    return tuple(torch.from_numpy(a) for a in (feat, embd, label, valid, exit_feat, has_exit))
 
 
 def train_head(model, train: Sequence[Rows], vocab: np.ndarray, *, epochs: int, lr: float, seed: int = 0,
-               checkpoint: Optional[str] = None, noise: float = 0.1, cls_weight: float = 0.1, progress: bool = True,
-               evaluate=None):
+               checkpoint: Optional[str] = None, noise: float = 0.1, cls_weight: float = 0.1, exit_mix: float = 0.0,
+               progress: bool = True, evaluate=None):
     """AdamW with warm-up and cosine decay; saves a checkpoint after every epoch and resumes from it.
+    exit_mix: share of inputs with an exit-layer state that read it instead of the final state.
     `evaluate(model)` (optional) returns a line printed after each epoch."""
     import torch
     from tqdm import tqdm
@@ -236,8 +280,10 @@ def train_head(model, train: Sequence[Rows], vocab: np.ndarray, *, epochs: int, 
         model.train()
         bar = tqdm(plan[epoch], desc=f"head epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress)
         for group in bar:
-            feat, embd, label, valid = pad([train[i] for i in group], vocab)
-            inputs = feat[:, :-1] + (torch.rand_like(feat[:, :-1]) - 0.5) * 2 * noise * scale
+            feat, embd, label, valid, exit_feat, has_exit = pad([train[i] for i in group], vocab)
+            swap = has_exit & (torch.rand(has_exit.shape) < exit_mix)
+            inputs = torch.where(swap[..., None], exit_feat, feat[:, :-1])
+            inputs = inputs + (torch.rand_like(inputs) - 0.5) * 2 * noise * scale
             predicted, logits = model(embd, inputs)
             reg = torch.nn.functional.smooth_l1_loss(predicted[valid] / scale, feat[:, 1:][valid] / scale)
             known = label[valid] != -100  # tokens outside the draft vocabulary have no class
@@ -268,6 +314,7 @@ class HeadOptions:
     epochs: int = 10
     lr: float = 1e-3
     tokens: int = 128          # tokens decoded per prompt
+    exit_mix: float = 0.4      # share of training inputs given as exit-layer states (see the module doc)
     k: int = 4
     seed: int = 0
 
@@ -305,12 +352,18 @@ def train_draft_head(llm, train_prompts: Sequence[Prompt], held_out: Sequence[Pr
         shape["n_ff"] //= 2
     torch.manual_seed(options.seed)
     model = DraftHeadModel(w.n_embd, lm_rows=w.lm_head_rows(vocab.tolist()), **shape)
-    evaluate = lambda m: hit_rates(m, held_rows, vocab, options.k)  # noqa: E731
+    def evaluate(m):
+        rates, fed = hit_rates(m, held_rows, vocab, options.k), hit_rates(m, held_rows, vocab, options.k, exit_fed=True)
+        return (f"held-out top-1 {rates.top1:.3f}, top-{options.k} {rates.topk:.3f}; "
+                f"fed exit-layer states: top-{options.k} {fed.topk:.3f}")
+
     train_head(model, train_rows, vocab, epochs=options.epochs, lr=options.lr, seed=options.seed,
-               checkpoint=os.path.join(work_dir, "head.pt"), evaluate=evaluate)
-    rates = evaluate(model)
+               checkpoint=os.path.join(work_dir, "head.pt"), exit_mix=options.exit_mix, evaluate=evaluate)
+    rates = hit_rates(model, held_rows, vocab, options.k)
+    fed = hit_rates(model, held_rows, vocab, options.k, exit_fed=True)
     head = model.to_weights(vocab, options.tensor_type, rates.topk)
     report = {"train_rows": int(sum(len(r.label) for r in train_rows)), "held_out_steps": rates.steps,
               "vocab_size": int(len(vocab)), "vocab_coverage": rates.coverage, "top1": rates.top1,
-              f"top{options.k}": rates.topk, "shape": shape, "tensor_type": options.tensor_type}
+              f"top{options.k}": rates.topk, f"top{options.k}_exit_fed": fed.topk, "exit_mix": options.exit_mix,
+              "shape": shape, "tensor_type": options.tensor_type}
     return head, report, held_traces

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--head-epochs", type=int, default=10, help="default: 10")
     h.add_argument("--head-lr", type=float, default=1e-3, help="default: 1e-3")
     h.add_argument("--head-tokens", type=int, default=128, help="tokens decoded per prompt for its data (default: 128)")
+    h.add_argument("--head-exit-mix", type=float, default=0.4,
+                   help="share of training inputs given as an upper layer's state, as the engine feeds the head "
+                        "after an early exit (default: 0.4)")
     return p
 
 
@@ -100,6 +103,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         rng = np.random.default_rng(args.seed)
         if args.head and args.draft:
             raise SpeceeError("--head and --draft choose two drafters: give one")
+        if args.head and not 0.0 <= args.head_exit_mix <= 1.0:
+            raise SpeceeError("--head-exit-mix is a share: between 0 and 1")
         if args.head and (args.head_ff < 0 or args.head_ff % 32 or args.head_vocab < args.k):
             raise SpeceeError("--head-ff must be a multiple of 32 (quantized rows are blocks of 32; 0: half the "
                               "model's) and --head-vocab at least k")
@@ -112,8 +117,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.head:
             head_work = os.path.join(work_dir, "head")
             options = HeadOptions(vocab_size=args.head_vocab, n_ff=args.head_ff, tensor_type=args.head_type,
-                                  epochs=args.head_epochs, lr=args.head_lr, tokens=args.head_tokens, k=args.k,
-                                  seed=args.seed)
+                                  epochs=args.head_epochs, lr=args.head_lr, tokens=args.head_tokens,
+                                  exit_mix=args.head_exit_mix, k=args.k, seed=args.seed)
             head, head_report, held_traces = train_draft_head(llm, head_train_prompts, held_out, head_work, options)
             head_file = os.path.join(head_work, "head.gguf")  # the head alone, for the native drafter
             w = llm.weights
