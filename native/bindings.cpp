@@ -183,6 +183,11 @@ class DraftHead {
         return out;
     }
 
+    bool prefill(const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & tokens) {
+        py::gil_scoped_release release;
+        return specee_head_prefill(h_.get(), tokens.data(), (int32_t) tokens.size());
+    }
+
     py::tuple forward(const std::vector<int32_t> & tokens) {
         const py::ssize_t rows = (py::ssize_t) tokens.size() - 1;
         if (rows < 1) throw py::value_error("forward needs at least 2 tokens");
@@ -321,6 +326,8 @@ PYBIND11_MODULE(_native, m) {
              "the target's hidden states (before the final norm) at positions pos, pos+1, ...")
         .def("propose", &DraftHead::propose, py::arg("tokens"), py::arg("k"),
              "top-k target ids for the token after the context (empty when a feature is missing)")
+        .def("prefill", &DraftHead::prefill, py::arg("tokens"),
+             "after a prompt: run the rows its tokens determine (False when a feature is missing)")
         .def("time_lm_head", [](DraftHead & h, int32_t n_runs) { return specee_head_time_lm_head(h.get(), n_runs); },
              py::arg("n_runs") = 50, "median ms of the draft-vocabulary LM head alone")
         .def("forward", &DraftHead::forward, py::arg("tokens"), "rows 0..n-2 afresh: (hidden [n-1, n_embd], logits)");

@@ -422,18 +422,31 @@ bool specee_head_set_features(specee_head * h, int32_t pos, int32_t n, const flo
     return true;
 }
 
-int32_t specee_head_propose(specee_head * h, const int32_t * tokens, int32_t n, int32_t k, int32_t * out) {
-    if (n < 2 || n > h->n_ctx || k <= 0) return 0;
-    // rows whose token still matches the context stay cached (a rollback drops the rest)
-    const int32_t n_rows = n - 1;
+namespace {
+
+// Brings the cache to rows [0, n_rows) of tokens: rows whose token still matches stay cached (a
+// rollback drops the rest); the rest run, the last one always (its logits are the proposal's)
+bool sync_rows(specee_head * h, const int32_t * tokens, int32_t n_rows) {
     int32_t keep = 0;
-    const int32_t limit = std::min<int32_t>((int32_t) h->cache_tokens.size(), n_rows - 1); // recompute the last row: its logits
+    const int32_t limit = std::min<int32_t>((int32_t) h->cache_tokens.size(), n_rows - 1);
     while (keep < limit && h->cache_tokens[keep] == tokens[keep + 1]) ++keep;
     for (int32_t p0 = keep, rows; p0 < n_rows; p0 += rows) {
         rows = (int32_t) std::max<int64_t>(1, std::min<int64_t>(MAX_ROWS, MAX_SCORES / ((int64_t) n_rows * h->info.n_head)));
         rows = std::min(rows, n_rows - p0);
-        if (!run_rows(h, tokens, p0, rows, nullptr, nullptr, false)) return 0;
+        if (!run_rows(h, tokens, p0, rows, nullptr, nullptr, false)) return false;
     }
+    return true;
+}
+
+} // namespace
+
+bool specee_head_prefill(specee_head * h, const int32_t * tokens, int32_t n) {
+    if (n > h->n_ctx) return false;
+    return n < 3 || sync_rows(h, tokens, n - 2);
+}
+
+int32_t specee_head_propose(specee_head * h, const int32_t * tokens, int32_t n, int32_t k, int32_t * out) {
+    if (n < 2 || n > h->n_ctx || k <= 0 || !sync_rows(h, tokens, n - 1)) return 0;
     // top k by insertion into a sorted prefix of out (k is a handful)
     k = std::min(k, h->info.n_draft_vocab);
     std::vector<float> best(k, -INFINITY);

@@ -109,5 +109,10 @@ class HeadDrafter:
         """Forget every hidden state: the target's cache was replaced (a loaded state)."""
         self.head.reset()
 
+    def prefill(self, context: Sequence[int]) -> None:
+        """After a prompt: run the rows its tokens determine now (prompt processing), so the
+        first proposal runs one row like every later one."""
+        self.head.prefill(np.asarray(context, dtype=np.int32))
+
     def propose(self, context: Sequence[int], k: int) -> List[int]:
         return self.head.propose(np.asarray(context, dtype=np.int32), k)

@@ -214,7 +214,9 @@ class Llama(llama_cpp.Llama):
     def feed_hidden_states(self, sink) -> None:
         """After every decode, hand the target's residual stream at its last computed layer (the
         last, or the exit layer) to sink.set_features(position, rows); None stops. While a sink is
-        set, prompts are decoded with an output for every token, so that every position has one."""
+        set, prompts are decoded with an output for every token, so that every position has one,
+        and a sink with a prefill(tokens) method is handed the context after each prompt batch
+        (a draft head runs its prompt rows then, as prompt processing, not in the first step)."""
         if sink is not None and sink is not self._feature_sink:
             # positions already cached were never fed to this sink: decode them again
             self._ctx.kv_cache_clear()
@@ -271,6 +273,8 @@ class Llama(llama_cpp.Llama):
         if self._engine is None or not self._decoding or len(tokens) != 1 or room < 2 or self.n_batch < 2:
             # a fed sink needs every position's state: every token's output then
             self._eval_batches(tokens, all_logits=self._feature_sink is not None)
+            if hasattr(self._feature_sink, "prefill"):
+                self._feature_sink.prefill(self.input_ids[:self.n_tokens])
             return
         t = self.n_tokens
         try:

@@ -158,7 +158,8 @@ def test_step_proposals_equal_a_forward_over_long_contexts(llm, shipped):
     n = 200
     tokens = rng.integers(0, llm.weights.n_vocab, n).astype(np.int32)
     head = _native.DraftHead(shipped.path, llm.weights, 256, N_THREADS)
-    head.set_features(0, rng.standard_normal((n, llm.weights.n_embd)).astype(np.float32))
+    features = rng.standard_normal((n, llm.weights.n_embd)).astype(np.float32)
+    head.set_features(0, features)
     _, logits = head.forward(tokens.tolist())
     vocab = np.array(head.vocab())
     expected = lambda t: vocab[np.argsort(-logits[t - 2])[:4]].tolist()  # noqa: E731
@@ -166,6 +167,12 @@ def test_step_proposals_equal_a_forward_over_long_contexts(llm, shipped):
         assert head.propose(tokens[:t], 4) == expected(t), t
     for t in (50, 130, 20, 199):
         assert head.propose(tokens[:t], 4) == expected(t), t
+    # a prompt's rows run at prefill; the proposal after it adds its last row
+    fresh = _native.DraftHead(shipped.path, llm.weights, 256, N_THREADS)
+    assert not fresh.prefill(tokens[:150])  # no states fed yet
+    fresh.set_features(0, features)
+    assert fresh.prefill(tokens[:150])
+    assert fresh.propose(tokens[:150], 4) == expected(150)
 
 
 @pytest.mark.parametrize("kv_policy", ["exact", "mask"])
