@@ -320,6 +320,8 @@ PYBIND11_MODULE(_native, m) {
         .def(py::init<const std::string &, const Weights &, int32_t, int32_t, bool>(), py::arg("path"), py::arg("weights"),
              py::arg("n_ctx"), py::arg("n_threads") = 1, py::arg("gpu") = false, py::keep_alive<1, 3>())
         .def_property_readonly("n_draft_vocab", [](const DraftHead & h) { return h.info().n_draft_vocab; })
+        .def_property_readonly("rows_run", [](DraftHead & h) { return specee_head_rows_run(h.get()); },
+                               "rows computed since creation")
         .def("vocab", &DraftHead::vocab)
         .def("reset", [](DraftHead & h) { specee_head_reset(h.get()); }, "forget every stored feature and cached row")
         .def("set_features", &DraftHead::set_features, py::arg("pos"), py::arg("hidden"),

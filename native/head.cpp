@@ -104,6 +104,7 @@ struct specee_head {
     std::vector<float>   features;    // [n_ctx][n_embd] normed target hidden states by position
     std::vector<uint8_t> have;        // [n_ctx]
     std::vector<int32_t> cache_tokens; // token of each cached row (row j holds token j + 1)
+    int64_t              rows_run = 0; // rows computed so far (what a proposal cost)
     std::vector<float>   logits;      // last row's draft-vocabulary logits
     std::vector<uint8_t> graph_meta;  // tensor and graph structs of a multi-row graph
     std::vector<uint8_t> step_meta;   // ... of the step graph
@@ -331,6 +332,7 @@ bool run_rows(specee_head * h, const int32_t * tokens, int32_t p0, int32_t n, fl
         if (out_hidden) ggml_backend_tensor_get(g->hidden, out_hidden, 0, ggml_nbytes(g->hidden));
         ggml_backend_tensor_get(g->logits, out_logits ? out_logits : h->logits.data(), 0, ggml_nbytes(g->logits));
         h->cache_tokens.insert(h->cache_tokens.end(), tokens + p0 + 1, tokens + p0 + n + 1);
+        h->rows_run += n;
     }
     if (rows_graph.ctx) ggml_free(rows_graph.ctx);
     return ok;
@@ -442,7 +444,11 @@ bool sync_rows(specee_head * h, const int32_t * tokens, int32_t n_rows) {
 
 bool specee_head_prefill(specee_head * h, const int32_t * tokens, int32_t n) {
     if (n > h->n_ctx) return false;
-    return n < 3 || sync_rows(h, tokens, n - 2);
+    return n < 2 || sync_rows(h, tokens, n - 1);
+}
+
+int64_t specee_head_rows_run(const specee_head * h) {
+    return h->rows_run;
 }
 
 int32_t specee_head_propose(specee_head * h, const int32_t * tokens, int32_t n, int32_t k, int32_t * out) {

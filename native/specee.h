@@ -155,10 +155,13 @@ bool specee_head_set_features(struct specee_head * h, int32_t pos, int32_t n, co
 // tokens[n-1] into out. Returns how many were written: 0 when a feature is missing.
 int32_t specee_head_propose(struct specee_head * h, const int32_t * tokens, int32_t n, int32_t k, int32_t * out);
 
-// After a prompt: runs the rows its tokens determine (rows 0..n-3 of tokens[0..n), the last one
-// waits for the token decoding emits), so a proposal after it runs one row. Returns false when a
+// After a prompt: runs the rows its tokens determine (rows 0..n-2 of tokens[0..n); row n-1 reads
+// the token decoding emits next), so the proposal after it runs one row. Returns false when a
 // feature is missing.
 bool specee_head_prefill(struct specee_head * h, const int32_t * tokens, int32_t n);
+
+// Rows the head has computed since it was created.
+int64_t specee_head_rows_run(const struct specee_head * h);
 
 // Testing: runs rows 0..n-2 afresh and writes their hidden states [n-1][n_embd] and logits
 // [n-1][n_draft_vocab].

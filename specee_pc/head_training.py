@@ -101,12 +101,15 @@ def collect_sequences(llm, prompts: Sequence[Prompt], work_dir: str, n_new: int,
         rng = np.random.default_rng(zlib.crc32(prompt.text.encode()))  # per prompt: a resumed run draws the same
         return record_sequence(llm, tokens, n_new, rng).__dict__
 
+    old = [name for name in (os.listdir(work_dir) if os.path.isdir(work_dir) else []) if name.endswith(".npz") and not name.endswith(".part.npz")]
+    if old:  # before recording anything more
+        with np.load(os.path.join(work_dir, old[0])) as f:
+            if "exit_layer" not in f:
+                raise ValueError(f"{work_dir}: head data from an older specee-pc (no exit-layer states): "
+                                 f"delete it to record the data again")
     traces = []
     for path in record_shards(prompts, work_dir, record, description):
         with np.load(path) as f:
-            if "exit_layer" not in f:
-                raise ValueError(f"{path}: head data from an older specee-pc (no exit-layer states): "
-                                 f"delete {work_dir} to record it again")
             traces.append(Trace(f["tokens"], f["hidden"], int(f["n_prompt"]), f["exit_hidden"], f["exit_layer"]))
     return traces
 
@@ -270,7 +273,8 @@ def train_head(model, train: Sequence[Rows], vocab: np.ndarray, *, epochs: int, 
     first_epoch = 0
     if checkpoint and os.path.exists(checkpoint):
         state = torch.load(checkpoint, weights_only=False)
-        if np.array_equal(state["vocab"], vocab) and state["epochs"] == epochs:
+        if (np.array_equal(state["vocab"], vocab) and state["epochs"] == epochs
+                and state.get("exit_mix") == exit_mix and state.get("shape") == model.shape):
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
@@ -298,8 +302,9 @@ def train_head(model, train: Sequence[Rows], vocab: np.ndarray, *, epochs: int, 
             bar.set_postfix(reg=f"{reg.item():.3f}", ce=f"{cls.item():.2f}")
         if checkpoint:
             tmp = checkpoint + ".part"
-            torch.save({"epoch": epoch, "epochs": epochs, "vocab": vocab, "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, tmp)
+            torch.save({"epoch": epoch, "epochs": epochs, "vocab": vocab, "exit_mix": exit_mix, "shape": model.shape,
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict()}, tmp)
             os.replace(tmp, checkpoint)
         if evaluate is not None and progress:
             print(f"epoch {epoch + 1}: {evaluate(model)}")

@@ -273,7 +273,7 @@ class Llama(llama_cpp.Llama):
         if self._engine is None or not self._decoding or len(tokens) != 1 or room < 2 or self.n_batch < 2:
             # a fed sink needs every position's state: every token's output then
             self._eval_batches(tokens, all_logits=self._feature_sink is not None)
-            if hasattr(self._feature_sink, "prefill"):
+            if len(tokens) > 1 and hasattr(self._feature_sink, "prefill"):
                 self._feature_sink.prefill(self.input_ids[:self.n_tokens])
             return
         t = self.n_tokens

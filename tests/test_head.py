@@ -151,28 +151,40 @@ def test_proposals_follow_rollbacks(llm, shipped, trace):
 
 
 def test_step_proposals_equal_a_forward_over_long_contexts(llm, shipped):
-    """One-row proposals run a graph kept across steps (attention over a padded, masked span that
-    grows every 64 positions); at every position of a long context, and after rolling back over
-    span boundaries, they equal the all-rows graph."""
+    """One-row proposals run a graph kept across steps (K/V written through index inputs,
+    attention over a padded, masked span that grows every 64 positions); over a long context,
+    and after a rollback onto other tokens, they equal the all-rows graph of another head."""
     rng = np.random.default_rng(1)
     n = 200
     tokens = rng.integers(0, llm.weights.n_vocab, n).astype(np.int32)
-    head = _native.DraftHead(shipped.path, llm.weights, 256, N_THREADS)
+    other = tokens.copy()
+    other[100:] = rng.integers(0, llm.weights.n_vocab, n - 100)
     features = rng.standard_normal((n, llm.weights.n_embd)).astype(np.float32)
+
+    def top4(context):
+        reference = _native.DraftHead(shipped.path, llm.weights, 256, N_THREADS)
+        reference.set_features(0, features)
+        _, logits = reference.forward(context.tolist())
+        vocab = np.array(reference.vocab())
+        return lambda t: vocab[np.argsort(-logits[t - 2])[:4]].tolist()  # row t-2 drafts token t
+
+    expected, expected_other = top4(tokens), top4(other)
+    head = _native.DraftHead(shipped.path, llm.weights, 256, N_THREADS)
     head.set_features(0, features)
-    _, logits = head.forward(tokens.tolist())
-    vocab = np.array(head.vocab())
-    expected = lambda t: vocab[np.argsort(-logits[t - 2])[:4]].tolist()  # noqa: E731
     for t in range(2, n + 1):
         assert head.propose(tokens[:t], 4) == expected(t), t
-    for t in (50, 130, 20, 199):
-        assert head.propose(tokens[:t], 4) == expected(t), t
-    # a prompt's rows run at prefill; the proposal after it adds its last row
+    assert head.rows_run == n - 1  # one row per step: its own K/V written, earlier rows read
+    for t in range(101, 140):  # rows from 99 on read other tokens: rerun, then one row per step
+        assert head.propose(other[:t], 4) == expected_other(t), t
+    assert head.rows_run == n - 1 + len(range(101, 140))
+
+    # a prompt's rows run at prefill; the proposal after the emitted token adds one row
     fresh = _native.DraftHead(shipped.path, llm.weights, 256, N_THREADS)
     assert not fresh.prefill(tokens[:150])  # no states fed yet
     fresh.set_features(0, features)
-    assert fresh.prefill(tokens[:150])
-    assert fresh.propose(tokens[:150], 4) == expected(150)
+    assert fresh.prefill(tokens[:150]) and fresh.rows_run == 149
+    assert fresh.propose(tokens[:151], 4) == expected(151)
+    assert fresh.rows_run == 150
 
 
 @pytest.mark.parametrize("kv_policy", ["exact", "mask"])
