@@ -143,17 +143,23 @@ bool specee_hook_eval_callback(ggml_tensor * t, bool ask, void * user_data) {
         return h->capture[il] || decides || hides || il == h->row_layer;
     }
     if (t->type != GGML_TYPE_F32 || t->ne[0] != h->n_embd) return true;
-    if (il == h->row_layer) {
-        const size_t n = h->rows.size();
-        h->rows.resize(n + (size_t) t->ne[1] * h->n_embd);
-        for (int64_t r = 0; r < t->ne[1]; ++r) {
-            ggml_backend_tensor_get(t, h->rows.data() + n + (size_t) r * h->n_embd, (size_t) r * t->nb[1], (size_t) h->n_embd * sizeof(float));
-        }
-    }
     // the last column is the last token of the ubatch (the last layer keeps only output rows)
     float * hidden = h->hidden.data() + (size_t) il * h->n_embd;
-    const size_t offset = (size_t) (t->ne[1] - 1) * t->nb[1];
-    ggml_backend_tensor_get(t, hidden, offset, (size_t) h->n_embd * sizeof(float));
+    const size_t row_bytes = (size_t) h->n_embd * sizeof(float);
+    if (il == h->row_layer) { // every row, the last one doubling as the hidden state
+        const size_t n = h->rows.size();
+        h->rows.resize(n + (size_t) t->ne[1] * h->n_embd);
+        if (ggml_is_contiguous(t)) {
+            ggml_backend_tensor_get(t, h->rows.data() + n, 0, (size_t) t->ne[1] * row_bytes);
+        } else {
+            for (int64_t r = 0; r < t->ne[1]; ++r) {
+                ggml_backend_tensor_get(t, h->rows.data() + n + (size_t) r * h->n_embd, (size_t) r * t->nb[1], row_bytes);
+            }
+        }
+        memcpy(hidden, h->rows.data() + h->rows.size() - h->n_embd, row_bytes);
+    } else {
+        ggml_backend_tensor_get(t, hidden, (size_t) (t->ne[1] - 1) * t->nb[1], row_bytes);
+    }
     h->captured[il] = 1;
     if (decides && specee_exit_check_layer(h->exit, il, hidden)) {
         h->cut = true;

@@ -101,9 +101,10 @@ def collect_sequences(llm, prompts: Sequence[Prompt], work_dir: str, n_new: int,
         rng = np.random.default_rng(zlib.crc32(prompt.text.encode()))  # per prompt: a resumed run draws the same
         return record_sequence(llm, tokens, n_new, rng).__dict__
 
-    old = [name for name in (os.listdir(work_dir) if os.path.isdir(work_dir) else []) if name.endswith(".npz") and not name.endswith(".part.npz")]
-    if old:  # before recording anything more
-        with np.load(os.path.join(work_dir, old[0])) as f:
+    recorded = [name for name in (os.listdir(work_dir) if os.path.isdir(work_dir) else [])
+                if name.endswith(".npz") and not name.endswith(".part.npz")]
+    if recorded:  # before recording anything more
+        with np.load(os.path.join(work_dir, recorded[0])) as f:
             if "exit_layer" not in f:
                 raise ValueError(f"{work_dir}: head data from an older specee-pc (no exit-layer states): "
                                  f"delete it to record the data again")
@@ -357,15 +358,17 @@ def train_draft_head(llm, train_prompts: Sequence[Prompt], held_out: Sequence[Pr
         shape["n_ff"] //= 2
     torch.manual_seed(options.seed)
     model = DraftHeadModel(w.n_embd, lm_rows=w.lm_head_rows(vocab.tolist()), **shape)
+    def held_out_rates(m):  # fed final states, and exit-layer states where recorded
+        return hit_rates(m, held_rows, vocab, options.k), hit_rates(m, held_rows, vocab, options.k, exit_fed=True)
+
     def evaluate(m):
-        rates, fed = hit_rates(m, held_rows, vocab, options.k), hit_rates(m, held_rows, vocab, options.k, exit_fed=True)
+        rates, fed = held_out_rates(m)
         return (f"held-out top-1 {rates.top1:.3f}, top-{options.k} {rates.topk:.3f}; "
                 f"fed exit-layer states: top-{options.k} {fed.topk:.3f}")
 
     train_head(model, train_rows, vocab, epochs=options.epochs, lr=options.lr, seed=options.seed,
                checkpoint=os.path.join(work_dir, "head.pt"), exit_mix=options.exit_mix, evaluate=evaluate)
-    rates = hit_rates(model, held_rows, vocab, options.k)
-    fed = hit_rates(model, held_rows, vocab, options.k, exit_fed=True)
+    rates, fed = held_out_rates(model)
     head = model.to_weights(vocab, options.tensor_type, rates.topk)
     report = {"train_rows": int(sum(len(r.label) for r in train_rows)), "held_out_steps": rates.steps,
               "vocab_size": int(len(vocab)), "vocab_coverage": rates.coverage, "top1": rates.top1,

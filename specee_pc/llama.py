@@ -209,14 +209,17 @@ class Llama(llama_cpp.Llama):
         if self._owned_drafter is not None:
             self._owned_drafter.close()
         self._owned_drafter = owned
-        self.feed_hidden_states(engine.drafter if engine and hasattr(engine.drafter, "set_features") else None)
+        self.feed_hidden_states(engine.drafter if engine else None)
 
     def feed_hidden_states(self, sink) -> None:
         """After every decode, hand the target's residual stream at its last computed layer (the
-        last, or the exit layer) to sink.set_features(position, rows); None stops. While a sink is
+        last, or the exit layer) to sink.set_features(position, rows); None, or an object without
+        set_features (a drafter that reads no hidden states), stops. While a sink is
         set, prompts are decoded with an output for every token, so that every position has one,
         and a sink with a prefill(tokens) method is handed the context after each prompt batch
         (a draft head runs its prompt rows then, as prompt processing, not in the first step)."""
+        if not hasattr(sink, "set_features"):
+            sink = None
         if sink is not None and sink is not self._feature_sink:
             # positions already cached were never fed to this sink: decode them again
             self._ctx.kv_cache_clear()

@@ -87,8 +87,7 @@ def oracle_exits(path: str, drafter, prompts, n_new: int, k: int = 4, threads: i
     from .training import oracle_exit_layers
 
     llm = Llama(path, n_ctx=n_ctx, n_threads=threads, verbose=False, **llama_kwargs)
-    if hasattr(drafter, "set_features"):  # a draft head reads the target's hidden states
-        llm.feed_hidden_states(drafter)
+    llm.feed_hidden_states(drafter)  # a draft head reads the target's hidden states
     try:
         with tempfile.TemporaryDirectory() as work_dir:
             records = collect(llm, drafter, prompts, work_dir, n_new, k, "oracle records")

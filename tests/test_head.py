@@ -117,14 +117,22 @@ def test_native_head_matches_torch(llm, shipped, trace, tmp_path, tensor_type):
     assert (gap < bound).all() and (top1_native == top1_torch).mean() > 0.9
 
 
+def forward_top4(path, weights, features, tokens):
+    """t -> the top-4 target ids that row t-2 of a fresh head's all-rows graph drafts for token t,
+    and the logits of those rows."""
+    head = _native.DraftHead(path, weights, 256, N_THREADS)
+    head.set_features(0, features)
+    _, logits = head.forward(list(tokens))
+    vocab = np.array(head.vocab())
+    return (lambda t: vocab[np.argsort(-logits[t - 2])[:4]].tolist()), logits
+
+
 def test_proposals_follow_rollbacks(llm, shipped, trace):
     """Step-by-step proposals, with the cache rolled back and fed other states, equal a fresh forward."""
     tokens, hidden, n_prompt = trace
+    expected, logits = forward_top4(shipped.path, llm.weights, hidden, tokens.tolist())
     head = _native.DraftHead(shipped.path, llm.weights, 256, N_THREADS)
     head.set_features(0, hidden)
-    _, logits = head.forward(tokens.tolist())
-    vocab = np.array(head.vocab())
-    expected = lambda t: vocab[np.argsort(-logits[t - 2])[:4]].tolist()  # noqa: E731  (row t-2 drafts token t)
     for t in range(n_prompt, len(tokens)):
         assert head.propose(tokens[:t], 4) == expected(t)
     other = tokens.copy()
@@ -136,11 +144,9 @@ def test_proposals_follow_rollbacks(llm, shipped, trace):
     other_state[n_prompt] = hidden[n_prompt - 3]
     head.set_features(n_prompt, other_state[n_prompt:n_prompt + 1])
     changed = head.propose(tokens, 4)
-    fresh = _native.DraftHead(shipped.path, llm.weights, 256, N_THREADS)
-    fresh.set_features(0, other_state)
-    _, other_logits = fresh.forward(tokens.tolist())
+    expected_other, other_logits = forward_top4(shipped.path, llm.weights, other_state, tokens.tolist())
     assert np.abs(other_logits[-1] - logits[-1]).max() > 0.1  # the state matters to the last row
-    assert changed == vocab[np.argsort(-other_logits[-1])[:4]].tolist()
+    assert changed == expected_other(len(tokens))
     head.set_features(n_prompt, hidden[n_prompt:n_prompt + 1])
     assert head.propose(tokens, 4) == expected(len(tokens))
     head.reset()  # a loaded state: no states at all until fed again
@@ -161,14 +167,8 @@ def test_step_proposals_equal_a_forward_over_long_contexts(llm, shipped):
     other[100:] = rng.integers(0, llm.weights.n_vocab, n - 100)
     features = rng.standard_normal((n, llm.weights.n_embd)).astype(np.float32)
 
-    def top4(context):
-        reference = _native.DraftHead(shipped.path, llm.weights, 256, N_THREADS)
-        reference.set_features(0, features)
-        _, logits = reference.forward(context.tolist())
-        vocab = np.array(reference.vocab())
-        return lambda t: vocab[np.argsort(-logits[t - 2])[:4]].tolist()  # row t-2 drafts token t
-
-    expected, expected_other = top4(tokens), top4(other)
+    expected, _ = forward_top4(shipped.path, llm.weights, features, tokens.tolist())
+    expected_other, _ = forward_top4(shipped.path, llm.weights, features, other.tolist())
     head = _native.DraftHead(shipped.path, llm.weights, 256, N_THREADS)
     head.set_features(0, features)
     for t in range(2, n + 1):

@@ -187,13 +187,13 @@ def bench(args) -> int:
                 replay.close()
         specee = [c for c in configs if c.kind == "specee"]
         k = read_predictor_file(specee[0].options["predictor"]).k if specee else 4
-        head_files = [c.options["predictor"] for c in specee if c.drafter == "head"]
-        oracle = (measure_oracle(args, model, weights, prompts, k, head_files[0] if head_files else None)
+        head_config = next((c for c in specee if c.drafter == "head"), None)
+        oracle = (measure_oracle(args, model, weights, prompts, k, head_config and head_config.options["predictor"])
                   if args.oracle else None)
         entries = summarize(configs, runs, checks, prompt_sets, weights.n_layer, oracle)
-        heads = [c.llm.exit_drafter.head for c in specee if c.drafter == "head"]
+        head = head_config and head_config.llm.exit_drafter.head
         head_cost = (draft_head_cost(entries, layer_ms(model, args.threads, n_gpu_layers=args.n_gpu_layers),
-                                     heads[0].time_lm_head(), heads[0].n_draft_vocab) if heads else None)
+                                     head.time_lm_head(), head.n_draft_vocab) if head else None)
         report = {
             "format": "specee-pc bench 1",
             "command": ["specee-pc", "bench"] + args.argv,
