@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -333,6 +334,17 @@ PYBIND11_MODULE(_native, m) {
         .def("time_lm_head", [](DraftHead & h, int32_t n_runs) { return specee_head_time_lm_head(h.get(), n_runs); },
              py::arg("n_runs") = 50, "median ms of the draft-vocabulary LM head alone")
         .def("forward", &DraftHead::forward, py::arg("tokens"), "rows 0..n-2 afresh: (hidden [n-1, n_embd], logits)");
+
+    m.def("lookup_matches",
+          [](const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & tokens, int32_t k,
+             int32_t max_ngram, int32_t window) {
+              std::vector<int32_t> out(std::max(k, 0));
+              out.resize(specee_lookup_matches(tokens.data(), (int32_t) tokens.size(), k, max_ngram, window,
+                                               out.data()));
+              return out;
+          },
+          py::arg("tokens"), py::arg("k"), py::arg("max_ngram") = 3, py::arg("window") = 1024,
+          "prompt lookup: up to k tokens that followed the context's last n-gram, longest and latest first");
 
     py::class_<Hook>(m, "Hook", "Native eval callback that captures per-layer hidden states")
         .def(py::init<int32_t, int32_t>(), py::arg("n_layer"), py::arg("n_embd"))

@@ -172,6 +172,14 @@ bool specee_head_forward(struct specee_head * h, const int32_t * tokens, int32_t
 // benchmark's cost budget. -1 on failure.
 double specee_head_time_lm_head(struct specee_head * h, int32_t n_runs);
 
+// ---------------------------------------------------------------- prompt lookup
+
+// Up to k distinct tokens that followed earlier occurrences of the last n-gram of tokens[0..n)
+// (within its last `window` tokens): longer n-grams first (max_ngram down to 1), more recent
+// occurrences first. Writes them to out and returns how many.
+int32_t specee_lookup_matches(const int32_t * tokens, int32_t n, int32_t k, int32_t max_ngram, int32_t window,
+                              int32_t * out);
+
 // ---------------------------------------------------------------- eval-callback hook
 
 struct specee_hook;

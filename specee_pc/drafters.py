@@ -1,8 +1,9 @@
 """Candidate drafters: each proposes k token ids for the token the next step will output."""
-from collections import Counter
 from typing import List, Protocol, Sequence
 
 import numpy as np
+
+from . import _native
 
 
 class Drafter(Protocol):
@@ -14,35 +15,31 @@ class Drafter(Protocol):
         """
 
 
-class NgramDrafter:
-    """Prompt lookup: the tokens that followed earlier occurrences of the context's last n-gram.
+def lookup_matches(context: Sequence[int], k: int, max_ngram: int = 3, search_window: int = 1024) -> List[int]:
+    """Prompt lookup: up to k distinct tokens that followed earlier occurrences of the context's
+    last n-gram, longer n-grams first, more recent occurrences first, down to the last token alone."""
+    return _native.lookup_matches(np.asarray(context[-search_window:], dtype=np.int32), k, max_ngram, search_window)
 
-    Longer n-grams first, more recent occurrences first, down to the last token alone; the
-    predictors need exactly k candidates, so the most frequent tokens of the window fill the
-    rest. Costs microseconds; good on inputs that repeat (code, summaries).
-    """
+
+class NgramDrafter:
+    """Prompt lookup (`lookup_matches`); the predictors need exactly k candidates, so the most
+    frequent tokens of the window fill the rest. Costs microseconds; good on inputs that repeat
+    (code, summaries)."""
 
     def __init__(self, max_ngram: int = 3, search_window: int = 1024):
         self.max_ngram = max_ngram
         self.search_window = search_window
 
     def propose(self, context: Sequence[int], k: int) -> List[int]:
-        tail = list(context[-self.search_window:])
-        found: List[int] = []
-        for n in range(min(self.max_ngram, len(tail) - 1), 0, -1):
-            pattern = tail[-n:]
-            for start in range(len(tail) - n - 1, -1, -1):
-                if tail[start:start + n] == pattern:
-                    follower = tail[start + n]
-                    if follower not in found:
-                        found.append(follower)
-                        if len(found) == k:
-                            return found
-        for token, _ in Counter(tail).most_common():
-            if len(found) == k:
-                break
-            if token not in found:
-                found.append(token)
+        found = lookup_matches(context, k, self.max_ngram, self.search_window)
+        if len(found) < k:
+            tokens, first, counts = np.unique(np.asarray(context[-self.search_window:]), return_index=True,
+                                              return_counts=True)
+            for token in tokens[np.lexsort((first, -counts))]:  # most frequent first; ties: earliest
+                if len(found) == k:
+                    break
+                if token not in found:
+                    found.append(int(token))
         return found
 
 
@@ -97,8 +94,6 @@ class HeadDrafter:
     target's hidden states: Llama hands them over after every decode (`set_features`)."""
 
     def __init__(self, predictor_path: str, weights, *, n_ctx: int, n_threads: int = 1, gpu: bool = False):
-        from . import _native
-
         self.head = _native.DraftHead(predictor_path, weights, n_ctx, n_threads, gpu)
 
     def set_features(self, position: int, hidden: np.ndarray) -> None:
@@ -116,3 +111,20 @@ class HeadDrafter:
 
     def propose(self, context: Sequence[int], k: int) -> List[int]:
         return self.head.propose(np.asarray(context, dtype=np.int32), k)
+
+
+class HeadLookupDrafter(HeadDrafter):
+    """The head's top 2, then prompt-lookup matches, then the head's next candidates: lookup
+    catches the repeats of the context that the head misses (on SmolLM2's held-out calibration
+    steps the greedy token is among these 4 in 69% of steps, among the head's own 4 in 53%)."""
+
+    lead = 2
+
+    def propose(self, context: Sequence[int], k: int) -> List[int]:
+        head = super().propose(context, k)
+        if len(head) < k:
+            return head  # no hidden states for this position: nothing to draft from
+        return list(dict.fromkeys(head[:self.lead] + lookup_matches(context, k) + head[self.lead:]))[:k]
+
+
+HEAD_DRAFTERS = {"head": HeadDrafter, "head+lookup": HeadLookupDrafter}  # the drafters a file's head runs

@@ -15,7 +15,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_tokenizer import LlamaTokenizer
 
 from .default_model import shipped_predictor_path
-from .drafters import DraftModelDrafter, Drafter, HeadDrafter, NgramDrafter
+from .drafters import HEAD_DRAFTERS, DraftModelDrafter, Drafter, NgramDrafter
 from .engine import ExitEngine, ExitStats
 from .errors import ModelFileError
 from .hook import LayerHook
@@ -37,10 +37,12 @@ class Llama(llama_cpp.Llama):
                            that batch's logits verify it, so outputs are the full model's;
                            "mask" (SpecEE): the exit token is emitted from the exit layer's
                            logits, and deeper layers never attend to the exited position
-        drafter            "auto" (default): the predictor file's draft head if it carries one,
-                           else "ngram"; "head": the file's EAGLE-1 draft head; "ngram" (prompt
-                           lookup); a path to a draft GGUF model that shares the target's
-                           vocabulary (top-k of its logits); or a Drafter object
+        drafter            "auto" (default): the candidates the file's predictors were trained
+                           on ("head+lookup" or "head" when it carries a draft head, else
+                           "ngram"); "head": the file's EAGLE-1 draft head; "head+lookup": the
+                           head's top 2, then prompt-lookup matches, then the head's next;
+                           "ngram" (prompt lookup); a path to a draft GGUF model that shares the
+                           target's vocabulary (top-k of its logits); or a Drafter object
         force_exit_layers  debug: exit at the first of these layers that a step reaches
         offline_layers     layers always checked (default: the predictor file's)
         online_offsets     offsets around the last 5 exit layers also checked (default: the file's,
@@ -177,20 +179,21 @@ class Llama(llama_cpp.Llama):
                 predictor.check_model(self.weights, path, self.model_path)
             has_head = isinstance(predictor, PredictorFile) and predictor.head is not None
             if drafter == "auto":
-                drafter = "head" if has_head else "ngram"
-            if drafter == "head":
+                drafter = predictor.trained_drafter() if isinstance(predictor, PredictorFile) else "ngram"
+            if drafter in HEAD_DRAFTERS:
                 if not has_head:
-                    raise ValueError("drafter 'head': the predictor file carries no draft head (calibrate with --head)")
+                    raise ValueError(f"drafter {drafter!r}: the predictor file carries no draft head "
+                                     "(calibrate with --head)")
                 if not predictor.path:
-                    raise ValueError("drafter 'head': the head is loaded from its file; pass the predictor's path")
-                drafter = HeadDrafter(predictor.path, self.weights, n_ctx=self._n_ctx, n_threads=self.n_threads,
-                                      gpu=self._draft_gpu_layers != 0)
+                    raise ValueError(f"drafter {drafter!r}: the head is loaded from its file; pass the predictor's path")
+                drafter = HEAD_DRAFTERS[drafter](predictor.path, self.weights, n_ctx=self._n_ctx,
+                                                 n_threads=self.n_threads, gpu=self._draft_gpu_layers != 0)
             elif drafter == "ngram":
                 drafter = NgramDrafter()
             elif isinstance(drafter, str):
                 if not drafter.endswith(".gguf"):
-                    raise ValueError(f"unknown drafter {drafter!r}: use 'auto', 'head', 'ngram', a draft model .gguf "
-                                     "path or a Drafter")
+                    raise ValueError(f"unknown drafter {drafter!r}: use 'auto', 'head', 'head+lookup', 'ngram', a draft "
+                                     "model .gguf path or a Drafter")
                 drafter = owned = DraftModelDrafter(drafter, target_vocab=self.weights.n_vocab, n_ctx=self._n_ctx,
                                                     n_threads=self.n_threads, n_gpu_layers=self._draft_gpu_layers)
             # one thread: the exit decision runs inside the eval callback while ggml's own CPU

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from .drafters import HEAD_DRAFTERS
 from .errors import ModelFileError
 
 ARCH = "specee-predictor"
@@ -90,6 +91,13 @@ class PredictorFile:
     features: str = FEATURES
     head: Optional[HeadWeights] = None
     path: str = ""  # the file it was read from ("" if built in memory): the native head loads from it
+
+    def trained_drafter(self) -> str:
+        """The built-in drafter whose candidates the predictors learned from ("head+lookup" or
+        "head" with a head, else "ngram"; a draft model's candidates need that model)."""
+        if self.head is not None:
+            return self.drafter if self.drafter in HEAD_DRAFTERS else "head"
+        return "ngram"
 
     def check_model(self, weights, predictor_path: str, model_path: str) -> None:
         """Raise ModelFileError naming both models unless this file was made for `weights`."""

@@ -30,8 +30,9 @@ def test_tiny_bench_writes_a_well_formed_report(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out.json").read_text())
     names = [c["name"] for c in report["configs"]]
-    # the shipped file carries a draft head: its configurations draft with it
-    assert names == ["vanilla", "lookup speculative", "specee exact head verify 0.50", "specee mask head verify 0.50"]
+    # the shipped file carries a draft head: its configurations draft with it, merged with lookup
+    assert names == ["vanilla", "lookup speculative", "specee exact head+lookup verify 0.50",
+                     "specee mask head+lookup verify 0.50"]
     assert report["settings"]["prompts"] == 2 and report["settings"]["threads"] == N_THREADS
     assert report["machine"]["llama_cpp_python"] == "0.3.36" and report["machine"]["specee_pc"] == specee_pc.__version__
     assert len(report["runs"]) == 2 * 2 * len(names)

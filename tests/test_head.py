@@ -12,6 +12,7 @@ from conftest import N_CTX, N_THREADS, constant_predictors
 from specee_pc import _native
 from specee_pc.default_model import shipped_predictor_path
 from specee_pc.calibration import chat_tokens
+from specee_pc.drafters import HeadDrafter, HeadLookupDrafter, lookup_matches
 from specee_pc.errors import ModelFileError
 from specee_pc.head_model import DraftHeadModel
 from specee_pc.head_training import exit_state_layers, record_sequence
@@ -188,15 +189,15 @@ def test_step_proposals_equal_a_forward_over_long_contexts(llm, shipped):
 
 
 @pytest.mark.parametrize("kv_policy", ["exact", "mask"])
-def test_head_is_the_default_drafter_and_fed(model_path, shipped, kv_policy):
-    """With the shipped file the engine drafts with its head: its candidates hold the emitted
-    token often (a head fed wrong states would not), and the exact policy stays exact: its output
-    is llama-cpp-python's own in the same batches (prompts decoded with every row's output, as
+def test_head_drafts_fed(model_path, shipped, kv_policy):
+    """The engine drafting with the shipped head alone: its candidates hold the emitted token
+    often (a head fed wrong states would not), and the exact policy stays exact: its output is
+    llama-cpp-python's own in the same batches (prompts decoded with every row's output, as
     llama_cpp does with logits_all)."""
     llm = specee_pc.Llama(model_path, n_ctx=N_CTX, n_threads=N_THREADS, verbose=False, predictor="auto",
-                          kv_policy=kv_policy)
+                          kv_policy=kv_policy, drafter="head")
     try:
-        assert type(llm.exit_drafter).__name__ == "HeadDrafter"
+        assert type(llm.exit_drafter) is HeadDrafter
         tokens = chat_tokens(llm, PROMPT)
         ours = [t for _, t in zip(range(48), llm.generate(tokens, temp=0.0))]
         stats = llm.exit_stats
@@ -209,6 +210,47 @@ def test_head_is_the_default_drafter_and_fed(model_path, shipped, kv_policy):
             replay.close()
     finally:
         llm.close()
+
+
+def test_auto_drafts_with_the_files_trained_candidates(llm, shipped, tmp_path):
+    """auto picks the drafter the file's predictors learned from: the shipped file's head merged
+    with prompt lookup, a file trained on the head alone its head."""
+    assert shipped.drafter == "head+lookup"
+    llm.configure_exits(predictor=shipped.path)
+    assert type(llm.exit_drafter) is HeadLookupDrafter
+    path = str(tmp_path / "head-only.gguf")
+    write_predictor_file(path, dataclasses.replace(shipped, drafter="head"))
+    llm.configure_exits(predictor=path)
+    assert type(llm.exit_drafter) is HeadDrafter
+    llm.configure_exits()
+
+
+def test_lookup_merged_candidates_hit_more_than_the_heads(model_path, shipped):
+    """head+lookup keeps the head's top 2 and puts the context's repeats before the head's next:
+    on the full model's output (exact policy) its candidates hold the emitted token more often.
+    (Exits change the batches, so the two outputs may part at a near-tie; the rates still compare.)"""
+    hits = {}
+    for drafter in ("head", "head+lookup"):
+        llm = specee_pc.Llama(model_path, n_ctx=N_CTX, n_threads=N_THREADS, verbose=False, predictor="auto",
+                              kv_policy="exact", drafter=drafter)
+        try:
+            tokens = chat_tokens(llm, PROMPT)
+            output = [t for _, t in zip(range(96), llm.generate(tokens, temp=0.0))]
+            stats = llm.exit_stats
+            hits[drafter] = stats.candidate_hits / stats.candidate_steps
+            assert len(output) == 96 and stats.candidate_steps > 50
+            if drafter == "head+lookup":  # the merge, on contexts the head still holds states for
+                merged = llm.exit_drafter
+                for end in range(len(tokens) + 8, llm.n_tokens, 8):
+                    context = llm.input_ids[:end]
+                    head = HeadDrafter.propose(merged, context, 4)
+                    lookup = lookup_matches(context, 4)
+                    ours = merged.propose(context, 4)
+                    assert len(set(ours)) == 4 and ours[:2] == head[:2] and set(ours) <= set(head + lookup)
+                    assert not lookup or lookup[0] in ours
+        finally:
+            llm.close()
+    assert hits["head+lookup"] > hits["head"]
 
 
 def test_head_drafter_errors(llm, model_path, tmp_path):

@@ -133,8 +133,8 @@ def test_calibrate_end_to_end_and_resume(model_path, tmp_path):
 
 
 def test_calibrate_with_draft_head(model_path, tmp_path):
-    """--head trains a head, stores it with predictors trained on its candidates, and the file
-    then drafts with it by default."""
+    """--head trains a head, stores it with predictors trained on its candidates (merged with
+    prompt lookup), and the file then drafts with them by default."""
     out = tmp_path / "head.specee.gguf"
     command = tiny_calibrate_command(model_path, tmp_path, out, "--head", "--head-epochs", "1", "--head-tokens", "12",
                                      "--head-vocab", "512", "--head-ff", "64")
@@ -142,15 +142,15 @@ def test_calibrate_with_draft_head(model_path, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "draft head: held-out top-4 hit rate" in done.stdout
     predictors = read_predictor_file(str(out))
-    assert predictors.drafter == "head" and len(predictors.head.vocab) == 512 and predictors.head.n_ff == 64
+    assert predictors.drafter == "head+lookup" and len(predictors.head.vocab) == 512 and predictors.head.n_ff == 64
     report = json.loads((tmp_path / "head.specee.gguf.report.json").read_text())
     assert 0 <= report["draft_head"]["native_top_k_hit_rate"] <= report["draft_head"]["vocab_coverage"] <= 1
-    assert len(os.listdir(tmp_path / "head.specee.gguf.calib" / "train-head")) == 4
+    assert len(os.listdir(tmp_path / "head.specee.gguf.calib" / "train-head+lookup")) == 4
     inspected = subprocess.run([sys.executable, "-m", "specee_pc.cli", "convert", "--inspect", str(out)],
                                capture_output=True, text=True, cwd=tmp_path)
     assert "draft head    EAGLE-1" in inspected.stdout and "draft vocabulary 512 tokens" in inspected.stdout
     llm = specee_pc.Llama(model_path, n_ctx=512, n_threads=2, verbose=False, predictor=str(out))
-    assert type(llm.exit_drafter).__name__ == "HeadDrafter"
+    assert type(llm.exit_drafter).__name__ == "HeadLookupDrafter"
     llm.create_completion("Count from one to twenty: one, two, three,", max_tokens=24, temperature=0.0)
     assert llm.exit_stats.candidate_steps > 0
 

@@ -6,7 +6,7 @@ import pytest
 from conftest import constant_predictors
 
 import specee_pc
-from specee_pc.drafters import NgramDrafter
+from specee_pc.drafters import NgramDrafter, lookup_matches
 from specee_pc.model_file import open_weights
 from specee_pc.predictor_file import read_predictor_file, write_predictor_file
 from specee_pc.schedule import ExitSchedule
@@ -22,6 +22,26 @@ def test_ngram_drafter_prefers_long_recent_matches():
     assert drafter.propose(context, 4) == [4, 3, 2, 1]
     assert drafter.propose([5, 6, 5, 6, 5], 1) == [6]
     assert drafter.propose([7], 4) == [7]
+
+
+def test_lookup_matches_are_the_scan_over_ngrams():
+    """The native search returns what scanning n-grams from the longest, each from the most
+    recent occurrence, returns (no fill: that is NgramDrafter's)."""
+    def scan(context, k, max_ngram):
+        found = []
+        for n in range(min(max_ngram, len(context) - 1), 0, -1):
+            for start in range(len(context) - n - 1, -1, -1):
+                follower = context[start + n]
+                if context[start:start + n] == context[-n:] and follower not in found:
+                    found.append(follower)
+        return found[:k]
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        context = rng.integers(0, rng.integers(1, 8), size=rng.integers(1, 60)).tolist()
+        k, max_ngram = int(rng.integers(1, 7)), int(rng.integers(1, 5))
+        assert lookup_matches(context, k, max_ngram) == scan(context, k, max_ngram)
+        assert lookup_matches(np.array(context, np.int32), k, max_ngram) == scan(context, k, max_ngram)
 
 
 def test_schedule_adds_online_layers_after_five_exits():

@@ -26,7 +26,7 @@ class BenchConfig:
     lossless: bool   # claims the full model's greedy output: the report checks it against vanilla's
     llm: llama_cpp.Llama
     options: dict = field(default_factory=dict)  # what it was built with, for the report
-    drafter: str = ""  # specee: where its candidates come from ("ngram", "draft" or "head")
+    drafter: str = ""  # specee: where its candidates come from ("ngram", "draft", "head" or "head+lookup")
     draft_llm: Optional[llama_cpp.Llama] = None  # a draft model: its prompt processing is prompt time
 
     def prefill_draft(self, prompt_tokens: Sequence[int]) -> None:
@@ -74,9 +74,10 @@ def specee_name(policy: str, drafter: str, rule: str, threshold: float) -> str:
 
 def file_drafters(predictor, models: BenchModels) -> List[str]:
     """The drafters a predictor file is benchmarked with: the candidates it was trained on (its
-    draft head, or prompt lookup), and the draft model when one is given."""
+    draft head, alone or merged with prompt lookup, or prompt lookup), and the draft model when
+    one is given."""
     if predictor.head is not None:
-        return ["head"]
+        return [predictor.trained_drafter()]
     return ["ngram"] + (["draft"] if models.draft else [])
 
 

@@ -7,6 +7,7 @@ configurations of one repetition ran back to back (on a shared machine, noise dr
 import statistics
 from typing import Dict, List, Optional, Sequence
 
+from ..drafters import HEAD_DRAFTERS
 from .quality import OutputCheck
 from .runs import Run
 
@@ -185,7 +186,7 @@ def flag_summary(found: Sequence[dict], n_prompts: int) -> List[str]:
 def draft_head_cost(entries: Sequence[dict], target_layer_ms: float, draft_lm_head_ms: float, draft_vocab: int) -> dict:
     """The draft head's cost per token against its budget: one target layer plus its own LM head."""
     drafter_ms = [e["exits"]["drafter_ms_per_token"] for e in entries
-                  if e["options"].get("drafter") == "head" and e.get("exits") and e["exits"]["drafter_ms_per_token"] is not None]
+                  if e["options"].get("drafter") in HEAD_DRAFTERS and e.get("exits") and e["exits"]["drafter_ms_per_token"] is not None]
     budget = target_layer_ms + draft_lm_head_ms
     worst = max(drafter_ms) if drafter_ms else None
     return {"drafter_ms_per_token_max": worst, "target_layer_ms": target_layer_ms, "draft_lm_head_ms": draft_lm_head_ms,

@@ -13,8 +13,9 @@ import argparse
 import datetime
 import os
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
 
+from ..drafters import HEAD_DRAFTERS
 from ..prompt_sets import HELD_OUT_PER_SET, SETS
 from .reports import name_list, run_command, write_report
 from .run import default_threads
@@ -90,11 +91,12 @@ def check_args(args) -> None:
             raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
 
 
-def measure_oracle(args, model: str, weights, prompts, k: int, head_file: Optional[str]) -> dict:
-    """Oracle exits of each drafter's candidates on the bench prompts, and the per-layer step times."""
+def measure_oracle(args, model: str, weights, prompts, k: int, head_files: Dict[str, str]) -> dict:
+    """Oracle exits of each drafter's candidates on the bench prompts, and the per-layer step times;
+    head_files: the predictor file of each head-drafted configuration, by drafter name."""
     import numpy as np
 
-    from ..drafters import DraftModelDrafter, HeadDrafter, NgramDrafter
+    from ..drafters import DraftModelDrafter, NgramDrafter
     from ..oracle import oracle_exits, speed_bound, step_ms_by_exit_layer
 
     llama_kwargs = dict(n_gpu_layers=args.n_gpu_layers)
@@ -103,8 +105,9 @@ def measure_oracle(args, model: str, weights, prompts, k: int, head_file: Option
     if args.draft:
         drafters["draft"] = lambda: DraftModelDrafter(args.draft, target_vocab=weights.n_vocab, n_ctx=args.ctx_size,
                                                       n_threads=args.threads, n_gpu_layers=args.n_gpu_layers)
-    if head_file:
-        drafters["head"] = lambda: HeadDrafter(head_file, weights, n_ctx=args.ctx_size, n_threads=args.threads)
+    for name, path in head_files.items():
+        drafters[name] = lambda kind=HEAD_DRAFTERS[name], path=path: kind(path, weights, n_ctx=args.ctx_size,
+                                                                            n_threads=args.threads)
     result = {}
     for name, make in drafters.items():
         drafter = make()
@@ -187,11 +190,11 @@ def bench(args) -> int:
                 replay.close()
         specee = [c for c in configs if c.kind == "specee"]
         k = read_predictor_file(specee[0].options["predictor"]).k if specee else 4
-        head_config = next((c for c in specee if c.drafter == "head"), None)
-        oracle = (measure_oracle(args, model, weights, prompts, k, head_config and head_config.options["predictor"])
-                  if args.oracle else None)
+        head_configs = [c for c in specee if c.drafter in HEAD_DRAFTERS]
+        oracle = (measure_oracle(args, model, weights, prompts, k,
+                                 {c.drafter: c.options["predictor"] for c in head_configs}) if args.oracle else None)
         entries = summarize(configs, runs, checks, prompt_sets, weights.n_layer, oracle)
-        head = head_config and head_config.llm.exit_drafter.head
+        head = head_configs and head_configs[0].llm.exit_drafter.head
         head_cost = (draft_head_cost(entries, layer_ms(model, args.threads, n_gpu_layers=args.n_gpu_layers),
                                      head.time_lm_head(), head.n_draft_vocab) if head else None)
         report = {

@@ -7,7 +7,8 @@ file. Collection is saved per prompt and resumes after an interruption.
 
 With --head, an EAGLE-1 draft head is trained first (on every training prompt's greedy
 decoding, with the target's hidden states) and stored in the same file; the predictors then
-learn from its candidates, and it becomes the file's default drafter.
+learn from its candidates (by default merged with prompt lookup: --head-candidates), and they
+become the file's default drafter.
 """
 import argparse
 import json
@@ -18,6 +19,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from ..drafters import HEAD_DRAFTERS
 from ..errors import SpeceeError
 from ..predictor_file import HEAD_TYPES, PredictorFile, model_fingerprint, write_predictor_file
 from ..prompt_sets import HELD_OUT_PER_SET, PROMPTS_DIR
@@ -61,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--head-exit-mix", type=float, default=0.4,
                    help="share of training inputs given as an upper layer's state, as the engine feeds the head "
                         "after an early exit (default: 0.4)")
+    h.add_argument("--head-candidates", choices=list(HEAD_DRAFTERS)[::-1], default="head+lookup",
+                   help="what the predictors learn from and the file drafts with by default: the head's top 2, "
+                        "then prompt-lookup matches, then the head's next (head+lookup, default), or the head's "
+                        "top k alone (head)")
     return p
 
 
@@ -85,7 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               "(or pip install torch==2.13.0)", file=sys.stderr)
         return 1
     from ..calibration import collect, load_prompts, split_held_out
-    from ..drafters import DraftModelDrafter, HeadDrafter, NgramDrafter
+    from ..drafters import DraftModelDrafter, NgramDrafter
     from ..llama import Llama
     from ..head_training import HeadOptions, native_hit_rate, train_draft_head
     from ..training import choose_offline_layers, evaluate, simulate_schedule, train_all
@@ -124,13 +130,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             w = llm.weights
             write_predictor_file(head_file, PredictorFile(w.arch, w.n_layer, w.n_embd, w.n_vocab, args.k, args.threshold,
                                                           [], head=head))
-            drafter = HeadDrafter(head_file, w, n_ctx=2048, n_threads=threads)
+            drafter = HEAD_DRAFTERS[args.head_candidates](head_file, w, n_ctx=2048, n_threads=threads)
             head_report["native_top_k_hit_rate"] = native_hit_rate(drafter.head, w, held_traces, args.k)
             print(f"draft head: held-out top-{args.k} hit rate {head_report[f'top{args.k}']:.3f} (torch), "
                   f"{head_report['native_top_k_hit_rate']:.3f} (native, {args.head_type}); "
                   f"vocabulary covers {head_report['vocab_coverage']:.3f} of the greedy tokens")
             llm.feed_hidden_states(drafter)
-            records_suffix = "-head"
+            records_suffix = "-" + args.head_candidates
         elif args.draft:
             drafter = DraftModelDrafter(args.draft, target_vocab=llm.weights.n_vocab, n_threads=threads)
         else:
@@ -152,7 +158,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         write_predictor_file(output, PredictorFile(
             w.arch, w.n_layer, w.n_embd, w.n_vocab, args.k, args.threshold, offline, [-2, 0, 2], predictors,
             model_name=os.path.basename(args.model), model_fingerprint=model_fingerprint(w),
-            drafter="head" if head else os.path.basename(args.draft) if args.draft else "ngram", head=head))
+            drafter=args.head_candidates if head else os.path.basename(args.draft) if args.draft else "ngram", head=head))
     except (SpeceeError, ValueError) as e:
         print(f"specee-pc: error: {e}", file=sys.stderr)
         return 1

@@ -32,9 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor", default="auto", metavar="FILE.gguf",
                    help="predictor file (default: the one shipped for the model)")
     p.add_argument("--draft", metavar="DRAFT.gguf", help="candidates from this draft model (instead of --drafter)")
-    p.add_argument("--drafter", choices=["auto", "head", "ngram"], default="auto",
-                   help="candidates from the predictor file's draft head, or prompt lookup (ngram); auto: the head "
-                        "when the file has one (default)")
+    p.add_argument("--drafter", choices=["auto", "head", "head+lookup", "ngram"], default="auto",
+                   help="candidates from the predictor file's draft head, the head merged with prompt lookup "
+                        "(head+lookup), or prompt lookup (ngram); auto: the ones the file's predictors were "
+                        "trained on (default)")
     p.add_argument("--policies", type=name_list, default=["exact", "mask"], metavar="P1,P2",
                    help="KV policies to evaluate with early exit (default: exact,mask)")
     p.add_argument("--exit-rule", choices=["verify", "candidates"], default="verify", help="(default: verify)")

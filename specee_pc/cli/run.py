@@ -51,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     exits.add_argument("--draft", metavar="MODEL.gguf",
                        help="draft model sharing the target's vocabulary: its top-k are the candidates "
                             "(instead of --drafter)")
-    exits.add_argument("--drafter", choices=["auto", "head", "ngram"], default="auto",
-                       help="candidates from the predictor file's EAGLE draft head, or prompt lookup over the "
-                            "context (ngram); auto: the head when the file has one (default)")
+    exits.add_argument("--drafter", choices=["auto", "head", "head+lookup", "ngram"], default="auto",
+                       help="candidates from the predictor file's EAGLE draft head, the head merged with "
+                            "prompt lookup (head+lookup), or prompt lookup over the context (ngram); auto: the "
+                            "ones the file's predictors were trained on (default)")
     exits.add_argument("--exit-rule", choices=["verify", "candidates"], default="verify",
                        help="verify: full LM head at the exit, exit only if its argmax is a candidate (SpecEE); "
                             "candidates: emit the best candidate without the full LM head (default: verify)")
