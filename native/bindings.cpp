@@ -336,9 +336,10 @@ PYBIND11_MODULE(_native, m) {
         .def("forward", &DraftHead::forward, py::arg("tokens"), "rows 0..n-2 afresh: (hidden [n-1, n_embd], logits)");
 
     m.def("lookup_matches",
-          [](const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & tokens, int32_t k,
-             int32_t max_ngram, int32_t window) {
-              std::vector<int32_t> out(std::max(k, 0));
+          [](const py::array_t<int32_t, py::array::c_style> & tokens, int32_t k, int32_t max_ngram, int32_t window) {
+              if (tokens.ndim() != 1) throw py::value_error("lookup_matches: tokens must be one-dimensional");
+              // at most one match per earlier position
+              std::vector<int32_t> out(std::max<int64_t>(0, std::min<int64_t>(k, tokens.size())));
               out.resize(specee_lookup_matches(tokens.data(), (int32_t) tokens.size(), k, max_ngram, window,
                                                out.data()));
               return out;

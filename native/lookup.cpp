@@ -14,6 +14,7 @@ static int32_t match_length(const int32_t * tail, int32_t n, int32_t j, int32_t 
 
 int32_t specee_lookup_matches(const int32_t * tokens, int32_t n, int32_t k, int32_t max_ngram, int32_t window,
                               int32_t * out) {
+    if (n < 2 || k < 1 || max_ngram < 1 || window < 2) return 0;
     // search the last `window` tokens only
     const int32_t * tail = tokens + std::max(0, n - window);
     n = std::min(n, window);

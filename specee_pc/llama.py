@@ -180,7 +180,7 @@ class Llama(llama_cpp.Llama):
             has_head = isinstance(predictor, PredictorFile) and predictor.head is not None
             if drafter == "auto":
                 drafter = predictor.trained_drafter() if isinstance(predictor, PredictorFile) else "ngram"
-            if drafter in HEAD_DRAFTERS:
+            if isinstance(drafter, str) and drafter in HEAD_DRAFTERS:
                 if not has_head:
                     raise ValueError(f"drafter {drafter!r}: the predictor file carries no draft head "
                                      "(calibrate with --head)")

@@ -216,13 +216,15 @@ def test_auto_drafts_with_the_files_trained_candidates(llm, shipped, tmp_path):
     """auto picks the drafter the file's predictors learned from: the shipped file's head merged
     with prompt lookup, a file trained on the head alone its head."""
     assert shipped.drafter == "head+lookup"
-    llm.configure_exits(predictor=shipped.path)
-    assert type(llm.exit_drafter) is HeadLookupDrafter
     path = str(tmp_path / "head-only.gguf")
     write_predictor_file(path, dataclasses.replace(shipped, drafter="head"))
-    llm.configure_exits(predictor=path)
-    assert type(llm.exit_drafter) is HeadDrafter
-    llm.configure_exits()
+    try:
+        llm.configure_exits(predictor=shipped.path)
+        assert type(llm.exit_drafter) is HeadLookupDrafter
+        llm.configure_exits(predictor=path)
+        assert type(llm.exit_drafter) is HeadDrafter
+    finally:
+        llm.configure_exits()
 
 
 def test_lookup_merged_candidates_hit_more_than_the_heads(model_path, shipped):
@@ -250,7 +252,7 @@ def test_lookup_merged_candidates_hit_more_than_the_heads(model_path, shipped):
                     assert not lookup or lookup[0] in ours
         finally:
             llm.close()
-    assert hits["head+lookup"] > hits["head"]
+    assert hits["head+lookup"] > hits["head"] + 0.1  # measured 0.75 against 0.54
 
 
 def test_head_drafter_errors(llm, model_path, tmp_path):

@@ -6,6 +6,7 @@ import pytest
 from conftest import constant_predictors
 
 import specee_pc
+from specee_pc import _native
 from specee_pc.drafters import NgramDrafter, lookup_matches
 from specee_pc.model_file import open_weights
 from specee_pc.predictor_file import read_predictor_file, write_predictor_file
@@ -42,6 +43,12 @@ def test_lookup_matches_are_the_scan_over_ngrams():
         k, max_ngram = int(rng.integers(1, 7)), int(rng.integers(1, 5))
         assert lookup_matches(context, k, max_ngram) == scan(context, k, max_ngram)
         assert lookup_matches(np.array(context, np.int32), k, max_ngram) == scan(context, k, max_ngram)
+        window = int(rng.integers(2, 70))  # the native search windows the context itself
+        assert (_native.lookup_matches(np.array(context, np.int32), k, max_ngram, window)
+                == scan(context[-window:], k, max_ngram))
+    assert _native.lookup_matches(np.array([1, 2, 1], np.int32), 10**9) == [2]  # k beyond the context
+    with pytest.raises(ValueError):
+        NgramDrafter(search_window=0)
 
 
 def test_schedule_adds_online_layers_after_five_exits():

@@ -155,8 +155,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {c['name']} | " + " | ".join(fmt(c["speedup_by_set"].get(x), ".3f") for x in sets) + " |")
     cost = report.get("draft_head_cost")
     if cost:
-        lines += ["", f"Draft head cost: {fmt(cost['drafter_ms_per_token_max'])} ms/token at most (the configurations' "
-                      f"drafter ms/tok) against a budget of one target layer ({fmt(cost['target_layer_ms'], '.3f')} ms) "
+        lines += ["", f"Draft head cost: {fmt(cost['drafter_ms_per_token_max'])} ms/token at most (the head-drafted "
+                      f"configurations' drafter ms/tok, prompt lookup included where merged) against a budget of one target layer ({fmt(cost['target_layer_ms'], '.3f')} ms) "
                       f"plus the head's LM head over {cost['draft_vocab']} tokens ({fmt(cost['draft_lm_head_ms'], '.3f')} "
                       f"ms) = {fmt(cost['budget_ms'], '.3f')} ms: {'within' if cost['within_budget'] else 'OVER'} budget."]
     if report["flags"]:

@@ -7,8 +7,8 @@ file. Collection is saved per prompt and resumes after an interruption.
 
 With --head, an EAGLE-1 draft head is trained first (on every training prompt's greedy
 decoding, with the target's hidden states) and stored in the same file; the predictors then
-learn from its candidates (by default merged with prompt lookup: --head-candidates), and they
-become the file's default drafter.
+learn from its candidates (by default merged with prompt lookup: --head-candidates), and those
+candidates become the file's default drafter.
 """
 import argparse
 import json
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--head-exit-mix", type=float, default=0.4,
                    help="share of training inputs given as an upper layer's state, as the engine feeds the head "
                         "after an early exit (default: 0.4)")
-    h.add_argument("--head-candidates", choices=list(HEAD_DRAFTERS)[::-1], default="head+lookup",
+    h.add_argument("--head-candidates", choices=["head+lookup", "head"], default="head+lookup",
                    help="what the predictors learn from and the file drafts with by default: the head's top 2, "
                         "then prompt-lookup matches, then the head's next (head+lookup, default), or the head's "
                         "top k alone (head)")
