@@ -15,11 +15,15 @@ class Drafter(Protocol):
         """
 
 
+def check_lookup_options(max_ngram: int, search_window: int) -> None:
+    if max_ngram < 1 or search_window < 1:
+        raise ValueError("prompt lookup needs max_ngram and search_window of at least 1")
+
+
 def lookup_matches(context: Sequence[int], k: int, max_ngram: int = 3, search_window: int = 1024) -> List[int]:
     """Prompt lookup: up to k distinct tokens that followed earlier occurrences of the context's
     last n-gram, longer n-grams first, more recent occurrences first, down to the last token alone."""
-    if max_ngram < 1 or search_window < 1:
-        raise ValueError("prompt lookup needs max_ngram and search_window of at least 1")
+    check_lookup_options(max_ngram, search_window)
     return _native.lookup_matches(np.asarray(context[-search_window:], dtype=np.int32), k, max_ngram, search_window)
 
 
@@ -29,8 +33,7 @@ class NgramDrafter:
     (code, summaries)."""
 
     def __init__(self, max_ngram: int = 3, search_window: int = 1024):
-        if max_ngram < 1 or search_window < 1:
-            raise ValueError("prompt lookup needs max_ngram and search_window of at least 1")
+        check_lookup_options(max_ngram, search_window)
         self.max_ngram = max_ngram
         self.search_window = search_window
 

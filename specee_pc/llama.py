@@ -192,8 +192,8 @@ class Llama(llama_cpp.Llama):
                 drafter = NgramDrafter()
             elif isinstance(drafter, str):
                 if not drafter.endswith(".gguf"):
-                    raise ValueError(f"unknown drafter {drafter!r}: use 'auto', 'head', 'head+lookup', 'ngram', a draft "
-                                     "model .gguf path or a Drafter")
+                    names = ", ".join(repr(name) for name in ["auto", *HEAD_DRAFTERS, "ngram"])
+                    raise ValueError(f"unknown drafter {drafter!r}: use {names}, a draft model .gguf path or a Drafter")
                 drafter = owned = DraftModelDrafter(drafter, target_vocab=self.weights.n_vocab, n_ctx=self._n_ctx,
                                                     n_threads=self.n_threads, n_gpu_layers=self._draft_gpu_layers)
             # one thread: the exit decision runs inside the eval callback while ggml's own CPU

@@ -156,7 +156,8 @@ def markdown(report: dict) -> str:
     cost = report.get("draft_head_cost")
     if cost:
         lines += ["", f"Draft head cost: {fmt(cost['drafter_ms_per_token_max'])} ms/token at most (the head-drafted "
-                      f"configurations' drafter ms/tok, prompt lookup included where merged) against a budget of one target layer ({fmt(cost['target_layer_ms'], '.3f')} ms) "
+                      f"configurations' drafter ms/tok, prompt lookup included where merged) against a budget of "
+                      f"one target layer ({fmt(cost['target_layer_ms'], '.3f')} ms) "
                       f"plus the head's LM head over {cost['draft_vocab']} tokens ({fmt(cost['draft_lm_head_ms'], '.3f')} "
                       f"ms) = {fmt(cost['budget_ms'], '.3f')} ms: {'within' if cost['within_budget'] else 'OVER'} budget."]
     if report["flags"]:
@@ -186,7 +187,8 @@ def flag_summary(found: Sequence[dict], n_prompts: int) -> List[str]:
 def draft_head_cost(entries: Sequence[dict], target_layer_ms: float, draft_lm_head_ms: float, draft_vocab: int) -> dict:
     """The draft head's cost per token against its budget: one target layer plus its own LM head."""
     drafter_ms = [e["exits"]["drafter_ms_per_token"] for e in entries
-                  if e["options"].get("drafter") in HEAD_DRAFTERS and e.get("exits") and e["exits"]["drafter_ms_per_token"] is not None]
+                  if e["options"].get("drafter") in HEAD_DRAFTERS and e.get("exits")
+                  and e["exits"]["drafter_ms_per_token"] is not None]
     budget = target_layer_ms + draft_lm_head_ms
     worst = max(drafter_ms) if drafter_ms else None
     return {"drafter_ms_per_token_max": worst, "target_layer_ms": target_layer_ms, "draft_lm_head_ms": draft_lm_head_ms,

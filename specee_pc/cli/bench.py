@@ -194,7 +194,7 @@ def bench(args) -> int:
         oracle = (measure_oracle(args, model, weights, prompts, k,
                                  {c.drafter: c.options["predictor"] for c in head_configs}) if args.oracle else None)
         entries = summarize(configs, runs, checks, prompt_sets, weights.n_layer, oracle)
-        head = head_configs and head_configs[0].llm.exit_drafter.head
+        head = head_configs[0].llm.exit_drafter.head if head_configs else None
         head_cost = (draft_head_cost(entries, layer_ms(model, args.threads, n_gpu_layers=args.n_gpu_layers),
                                      head.time_lm_head(), head.n_draft_vocab) if head else None)
         report = {
