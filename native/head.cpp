@@ -9,6 +9,8 @@
 // Decoding proposes one row per step, so that graph is built once per STEP_LEN_ALIGN positions
 // and reused: its K/V writes go through index inputs (set_rows) and its attention spans a padded
 // length with the tail masked. Q/K/V and gate/up are fused at load (one matrix product each).
+// On the CPU, matrices its kernels can interleave (q4_0 on x86 and ARM) are stored repacked, as
+// llama.cpp stores its own weights: one-row products then run ~20% faster.
 #include "specee.h"
 
 #include "ggml-alloc.h"
@@ -89,8 +91,11 @@ struct specee_head {
 
     ggml_backend_t        backend = nullptr;
     ggml_threadpool_t     threadpool = nullptr; // CPU: kept across proposals (no thread start per graph)
-    ggml_context *        ctx_w   = nullptr; // weights, KV cache
+    ggml_backend_buffer_type_t repack = nullptr; // the CPU backend's repacking buffer type, if any
+    ggml_context *        ctx_w   = nullptr; // vectors, KV cache, matrices not repacked
     ggml_backend_buffer_t buf_w   = nullptr;
+    ggml_context *        ctx_m   = nullptr; // matrices in the repacking buffer
+    ggml_backend_buffer_t buf_m   = nullptr;
     ggml_gallocr_t        galloc  = nullptr; // multi-row graphs
     ggml_gallocr_t        step_galloc = nullptr; // the step graph only: its allocation must outlive other graphs
     ggml_tensor *         w[N_WEIGHTS] = {}; // WQ/WK/WV and W_GATE/W_UP stay unallocated: read into w_qkv, w_gate_up
@@ -116,6 +121,37 @@ struct specee_head {
 
 namespace {
 
+// The CPU backend's buffer type that stores matrices interleaved for its faster kernels
+// (llama.cpp's "CPU_REPACK", found as llama.cpp finds it), or null
+ggml_backend_buffer_type_t cpu_repack_buffer_type(ggml_backend_dev_t cpu) {
+    auto extra_bufts = (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(
+        ggml_backend_dev_backend_reg(cpu), "ggml_backend_dev_get_extra_bufts");
+    for (ggml_backend_buffer_type_t * b = extra_bufts ? extra_bufts(cpu) : nullptr; b && *b; ++b) {
+        if (!strcmp(ggml_backend_buft_name(*b), "CPU_REPACK")) return *b;
+    }
+    return nullptr;
+}
+
+// Whether the CPU backend multiplies by a [ne0, ne1] matrix of this type held in buft
+// (llama.cpp's test for its weights: a mul_mat whose weight sits in an empty buffer of buft)
+bool mul_mat_supported(ggml_backend_dev_t dev, ggml_backend_buffer_type_t buft, ggml_type type, int64_t ne0, int64_t ne1) {
+    ggml_context * ctx = ggml_init(ggml_init_params{ggml_tensor_overhead() * 3, nullptr, /*no_alloc =*/ true});
+    ggml_tensor * w = ggml_new_tensor_2d(ctx, type, ne0, ne1);
+    ggml_tensor * op = ggml_mul_mat(ctx, w, ggml_new_tensor_1d(ctx, GGML_TYPE_F32, ne0));
+    ggml_backend_buffer_t empty = ggml_backend_buft_alloc_buffer(buft, 0);
+    w->buffer = empty;
+    const bool ok = empty && ggml_backend_dev_supports_op(dev, op);
+    if (empty) ggml_backend_buffer_free(empty);
+    ggml_free(ctx);
+    return ok;
+}
+
+// A matrix tensor: in the repacking buffer when there is one that takes it, else with the rest
+ggml_tensor * new_matrix(specee_head * h, ggml_type type, int64_t ne0, int64_t ne1) {
+    const bool repack = h->repack && mul_mat_supported(ggml_backend_get_device(h->backend), h->repack, type, ne0, ne1);
+    return ggml_new_tensor_2d(repack ? h->ctx_m : h->ctx_w, type, ne0, ne1);
+}
+
 void load_weights(specee_head * h, const char * path) {
     ggml_context * meta = nullptr;
     gguf_context * g = gguf_init_from_file(path, gguf_init_params{/*no_alloc =*/ true, /*ctx =*/ &meta});
@@ -140,7 +176,8 @@ void load_weights(specee_head * h, const char * path) {
         if (!vocab_t || vocab_t->type != GGML_TYPE_I32 || ggml_n_dims(vocab_t) != 1) fail("draft head has no head.vocab (i32)");
         in.n_draft_vocab = (int32_t) vocab_t->ne[0];
 
-        h->ctx_w = ggml_init(ggml_init_params{ggml_tensor_overhead() * (N_WEIGHTS + 6), nullptr, /*no_alloc =*/ true});
+        h->ctx_w = ggml_init(ggml_init_params{ggml_tensor_overhead() * 10, nullptr, /*no_alloc =*/ true});
+        h->ctx_m = ggml_init(ggml_init_params{ggml_tensor_overhead() * 6, nullptr, /*no_alloc =*/ true});
         const ggml_tensor * src[N_WEIGHTS];
         for (int i = 0; i < N_WEIGHTS; ++i) {
             src[i] = ggml_get_tensor(meta, WEIGHT_NAMES[i]);
@@ -156,21 +193,25 @@ void load_weights(specee_head * h, const char * path) {
                 fail(std::string("draft head tensor ") + WEIGHT_NAMES[i] + " has type " + ggml_type_name(t) +
                      (vector ? ", not f32" : ", not one of f32, f16, q8_0, q4_0"));
             }
-            if (fused_part(i) < 0) h->w[i] = ggml_new_tensor_2d(h->ctx_w, src[i]->type, shapes[i][0], shapes[i][1]);
+            if (fused_part(i) >= 0) continue;
+            h->w[i] = vector ? ggml_new_tensor_2d(h->ctx_w, t, shapes[i][0], shapes[i][1]) : new_matrix(h, t, shapes[i][0], shapes[i][1]);
         }
         if (src[WQ]->type != src[WK]->type || src[WQ]->type != src[WV]->type || src[W_GATE]->type != src[W_UP]->type) {
             fail("draft head stores q/k/v (or gate/up) in different types: they are fused into one matrix");
         }
-        h->w_qkv     = ggml_new_tensor_2d(h->ctx_w, src[WQ]->type, d, q + 2 * kv);
-        h->w_gate_up = ggml_new_tensor_2d(h->ctx_w, src[W_GATE]->type, d, 2 * ff);
+        h->w_qkv     = new_matrix(h, src[WQ]->type, d, q + 2 * kv);
+        h->w_gate_up = new_matrix(h, src[W_GATE]->type, d, 2 * ff);
         const ggml_type lm_type = (ggml_type) specee_weights_lm_head_ggml_type(h->target);
-        h->lm_rows = ggml_new_tensor_2d(h->ctx_w, lm_type, d, in.n_draft_vocab);
+        h->lm_rows = new_matrix(h, lm_type, d, in.n_draft_vocab);
         h->k_cache = ggml_new_tensor_2d(h->ctx_w, GGML_TYPE_F32, kv, h->n_ctx);
         h->v_cache = ggml_new_tensor_2d(h->ctx_w, GGML_TYPE_F32, h->n_ctx, kv);
         h->buf_w = ggml_backend_alloc_ctx_tensors(h->ctx_w, h->backend);
         if (!h->buf_w) fail("cannot allocate the draft head's weights");
         ggml_backend_buffer_clear(h->buf_w, 0);
-
+        if (ggml_get_first_tensor(h->ctx_m)) {
+            h->buf_m = ggml_backend_alloc_ctx_tensors_from_buft(h->ctx_m, h->repack);
+            if (!h->buf_m) fail("cannot allocate the draft head's weights");
+        }
         // tensor data from the file
         f = fopen(path, "rb");
         if (!f) fail("cannot open the file");
@@ -182,16 +223,18 @@ void load_weights(specee_head * h, const char * path) {
                 fail(std::string("truncated file: cannot read ") + name);
             }
         };
-        std::vector<uint8_t> bytes;
-        size_t fused_offset[2] = {0, 0}; // parts are stacked in file order: q, k, v / gate, up
+        // a repacking buffer takes a matrix in one piece: fused parts are stacked here first, in
+        // file order (q, k, v / gate, up)
+        std::vector<uint8_t> bytes, fused[2];
         for (int i = 0; i < N_WEIGHTS; ++i) {
             const int part = fused_part(i);
-            ggml_tensor * dst = part < 0 ? h->w[i] : part == 0 ? h->w_qkv : h->w_gate_up;
             bytes.resize(ggml_row_size(src[i]->type, src[i]->ne[0]) * ggml_nrows(src[i]));
             read(WEIGHT_NAMES[i], bytes.data(), bytes.size());
-            ggml_backend_tensor_set(dst, bytes.data(), part < 0 ? 0 : fused_offset[part], bytes.size());
-            if (part >= 0) fused_offset[part] += bytes.size();
+            if (part < 0) ggml_backend_tensor_set(h->w[i], bytes.data(), 0, bytes.size());
+            else fused[part].insert(fused[part].end(), bytes.begin(), bytes.end());
         }
+        ggml_backend_tensor_set(h->w_qkv, fused[0].data(), 0, fused[0].size());
+        ggml_backend_tensor_set(h->w_gate_up, fused[1].data(), 0, fused[1].size());
         h->vocab.resize(in.n_draft_vocab);
         read("head.vocab", h->vocab.data(), h->vocab.size() * sizeof(int32_t));
         bytes.resize(ggml_nbytes(h->lm_rows));
@@ -366,6 +409,7 @@ specee_head * specee_head_init_from_file(const char * path, const specee_weights
             if (!h->threadpool) fail("cannot start the draft head's threads");
             ggml_backend_cpu_set_n_threads(h->backend, std::max(1, n_threads));
             ggml_backend_cpu_set_threadpool(h->backend, h->threadpool);
+            h->repack = cpu_repack_buffer_type(ggml_backend_get_device(h->backend));
         }
         load_weights(h, path);
         h->galloc      = ggml_gallocr_new(ggml_backend_get_default_buffer_type(h->backend));
@@ -394,6 +438,8 @@ void specee_head_free(specee_head * h) {
     if (h->galloc) ggml_gallocr_free(h->galloc);
     if (h->buf_w) ggml_backend_buffer_free(h->buf_w);
     if (h->ctx_w) ggml_free(h->ctx_w);
+    if (h->buf_m) ggml_backend_buffer_free(h->buf_m);
+    if (h->ctx_m) ggml_free(h->ctx_m);
     if (h->backend) ggml_backend_free(h->backend);
     if (h->threadpool) ggml_threadpool_free(h->threadpool);
     delete h;

@@ -6,11 +6,14 @@ For every decode step (never the prompt) and every layer l: the candidates' logi
 schedule (softmax, change since the previous checked layer) are derived from the logits at
 training time. Each prompt's records go to their own .npz shard as soon as it is done, so an
 interrupted collection resumes where it stopped.
+
+The contexts are the full model's own greedy output, or (on-policy) the output of decoding with
+early exits under kv_policy "mask", which drifts from it; the labels are the full model's either way.
 """
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import llama_cpp
 import numpy as np
@@ -90,8 +93,11 @@ def chat_tokens(llm, text: str) -> List[int]:
                         add_bos=False, special=True)
 
 
-def record_prompt(llm, drafter: Drafter, prompt_tokens: Sequence[int], n_new: int, k: int) -> Records:
-    """Greedy decode of up to n_new tokens with the full model, recording every decode step."""
+def record_prompt(llm, drafter: Drafter, prompt_tokens: Sequence[int], n_new: int, k: int,
+                  follow: Optional[Sequence[int]] = None) -> Records:
+    """Decode up to n_new tokens with the full model, recording every decode step: its own greedy
+    tokens, or the tokens of `follow` (another decoding's output, fed as teacher forcing). The
+    labels are always the full model's greedy token after the context."""
     if llm.exit_stats is not None:
         raise ValueError("calibration records the full model: configure_exits() off first")
     w = llm.weights
@@ -100,8 +106,11 @@ def record_prompt(llm, drafter: Drafter, prompt_tokens: Sequence[int], n_new: in
     context = list(prompt_tokens)
     rows = {"cand_logits": [], "label": [], "top1_in_cands": [], "cand_hit": [], "final_index": []}
     candidates = None
-    for i, token in enumerate(llm.generate(prompt_tokens, temp=0.0)):
-        if candidates is not None:  # this step decoded context[-1] and emitted `token`
+    llm.reset()
+    llm.eval(context)
+    for i in range(n_new + 1):
+        token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(w.n_vocab,))))
+        if candidates is not None:  # this step decoded context[-1]; the full model emits `token`
             hidden = np.stack([llm.hidden_state(il) for il in range(n_layer)])
             z = w.final_norm(hidden)
             top1 = np.array([int(np.argmax(w.lm_head_logits(z[il], 2))) for il in range(n_layer)])
@@ -110,18 +119,39 @@ def record_prompt(llm, drafter: Drafter, prompt_tokens: Sequence[int], n_new: in
             rows["top1_in_cands"].append(np.isin(top1, candidates))
             rows["cand_hit"].append(token in candidates)
             rows["final_index"].append(candidates.index(token) if token in candidates else -1)
-        if i == n_new or llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+        if follow is not None:
+            token = int(follow[i]) if i < len(follow) else -1
+        if i == n_new or token < 0 or llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
             break
         context.append(token)
         candidates = drafter.propose(context, k)
         if len(candidates) < k:
             candidates = None  # the engine does not arm a step without k candidates either
+        llm.eval([token])
     llm.capture_layers([])
     if not rows["label"]:
         return Records(np.zeros((0, n_layer, k), np.float32), np.zeros((0, n_layer), bool),
                        np.zeros((0, n_layer), bool), np.zeros(0, bool), np.zeros(0, int))
     return Records(np.stack(rows["cand_logits"]).astype(np.float32), np.stack(rows["label"]),
                    np.stack(rows["top1_in_cands"]), np.array(rows["cand_hit"]), np.array(rows["final_index"]))
+
+
+def decode_with_exits(llm, predictors, drafter: Drafter, prompt_tokens: Sequence[int], n_new: int) -> List[int]:
+    """The greedy output of up to n_new tokens that the engine emits with these predictors under
+    kv_policy "mask": where exits make it drift from the full model's (under mask this model's
+    output falls into repetition more often), predictors trained on the full model's contexts alone
+    have not seen the contexts they will decide in."""
+    llm.configure_exits(predictor=predictors, kv_policy="mask", drafter=drafter)
+    output = []
+    try:
+        for token in llm.generate(prompt_tokens, temp=0.0):
+            output.append(token)
+            if len(output) == n_new or llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+                break
+    finally:
+        llm.configure_exits(predictor=None)
+        llm.feed_hidden_states(drafter)  # recording feeds a draft head the full model's states again
+    return output
 
 
 def record_shards(prompts: Sequence[Prompt], work_dir: str, record: Callable[[Prompt], dict],
@@ -142,11 +172,15 @@ def record_shards(prompts: Sequence[Prompt], work_dir: str, record: Callable[[Pr
 
 
 def collect(llm, drafter: Drafter, prompts: Sequence[Prompt], work_dir: str, n_new: int, k: int,
-            description: str = "collecting") -> Records:
-    """Record every prompt not already in work_dir, then return all their records."""
-    return load_records(record_shards(
-        prompts, work_dir, lambda p: record_prompt(llm, drafter, chat_tokens(llm, p.text), n_new, k).__dict__,
-        description))
+            description: str = "collecting", exits=None) -> Records:
+    """Record every prompt not already in work_dir, then return all their records. With `exits` (a
+    PredictorFile), along the output of decoding with those exits under mask (decode_with_exits)."""
+    def record(prompt: Prompt) -> dict:
+        tokens = chat_tokens(llm, prompt.text)
+        follow = decode_with_exits(llm, exits, drafter, tokens, n_new) if exits is not None else None
+        return record_prompt(llm, drafter, tokens, n_new, k, follow).__dict__
+
+    return load_records(record_shards(prompts, work_dir, record, description))
 
 
 def load_records(paths: Iterable[str]) -> Records:

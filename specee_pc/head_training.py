@@ -316,7 +316,7 @@ def train_head(model, train: Sequence[Rows], vocab: np.ndarray, *, epochs: int, 
 class HeadOptions:
     vocab_size: int = 4096
     n_ff: int = 0              # 0: half the target's feed-forward size
-    tensor_type: str = "q8_0"
+    tensor_type: str = "q4_0"
     epochs: int = 10
     lr: float = 1e-3
     tokens: int = 128          # tokens decoded per prompt

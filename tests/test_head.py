@@ -92,12 +92,12 @@ def run_torch(llm, model, tokens, hidden):
     return h[0].numpy(), logits[0].numpy()
 
 
-@pytest.mark.parametrize("tensor_type", ["f32", "q8_0"])
+@pytest.mark.parametrize("tensor_type", ["f32", "q8_0", "q4_0"])
 def test_native_head_matches_torch(llm, shipped, trace, tmp_path, tensor_type):
     """The ggml head against the torch head on the same inputs and weights. With f32 storage the
     layer agrees to float rounding, and the logits to ~1% (the LM-head rows are the target's q8_0
-    ones, and ggml quantizes the activations of a q8_0 matmul to 8 bits); with the shipped q8_0
-    storage every matmul does that, so both within 5%."""
+    ones, and ggml quantizes the activations of a q8_0 matmul to 8 bits); with q8_0 or q4_0 storage
+    (q4_0: run repacked by llama.cpp's CPU kernels) every matmul does that, so both within 5%."""
     tokens, hidden, _ = trace
     head = dataclasses.replace(shipped.head, tensor_type=tensor_type)
     path = str(tmp_path / f"head-{tensor_type}.gguf")

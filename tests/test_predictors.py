@@ -10,7 +10,7 @@ import torch
 
 import specee_pc
 from specee_pc import _native
-from specee_pc.calibration import Records, chat_tokens, load_prompts, record_prompt, split_held_out
+from specee_pc.calibration import Records, chat_tokens, decode_with_exits, load_prompts, record_prompt, split_held_out
 from specee_pc.drafters import NgramDrafter
 from specee_pc.model_file import open_weights
 from specee_pc.predictor_file import read_predictor_file
@@ -48,6 +48,34 @@ def test_records_are_consistent(records, llm):
     assert records.label[:, -1].all()  # the last layer's argmax is the emitted token (greedy)
     exits = oracle_exit_layers(records)
     assert ((exits >= 0) & (exits <= n_layer - 1)).all()
+
+
+def test_records_along_an_output_with_exits(llm, reference):
+    """On-policy records: the steps follow the output of decoding with exits under mask (here
+    exits at layer 8, which make it drift from the full model's) and the labels stay the full
+    model's: llama-cpp-python's greedy token after each prefix of that output, set against the
+    n-gram candidates of that prefix."""
+    from conftest import constant_predictors
+
+    prompt = chat_tokens(llm, QUESTIONS[4])
+    follow = decode_with_exits(llm, constant_predictors(llm.weights, [8]), NgramDrafter(), prompt, 24)
+    assert llm.exit_stats is None  # exits are off again
+    records = record_prompt(llm, NgramDrafter(), prompt, 24, 4, follow)
+    reference.reset()
+    reference.eval(prompt + follow[:1])
+    greedy, expected_hit, expected_index = [], [], []
+    for r in range(len(records.label)):
+        context = prompt + follow[:r + 1]
+        token = int(np.argmax(np.ctypeslib.as_array(reference._ctx.get_logits_ith(-1), shape=(reference.n_vocab(),))))
+        candidates = NgramDrafter().propose(context, 4)
+        greedy.append(token)
+        expected_hit.append(token in candidates)
+        expected_index.append(candidates.index(token) if token in candidates else -1)
+        reference.eval(follow[r + 1:r + 2])
+    assert len(records.label) == min(24, len(follow)) - (follow[-1] == llm.token_eos())
+    assert greedy[:-1] != follow[1:len(greedy)]  # the output is not the full model's
+    assert records.cand_hit.tolist() == expected_hit and records.final_index.tolist() == expected_index
+    assert records.label[:, -1].all()  # the last layer's argmax is the full model's token
 
 
 def feature_rows(records, n=1000):
@@ -115,7 +143,7 @@ def tiny_calibrate_command(model_path, tmp_path, out, *extra):
 
 def test_calibrate_end_to_end_and_resume(model_path, tmp_path):
     out = tmp_path / "smol.specee.gguf"
-    command = tiny_calibrate_command(model_path, tmp_path, out)
+    command = tiny_calibrate_command(model_path, tmp_path, out, "--on-policy")
     first = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "precision" in first.stdout and "wrote" in first.stdout
@@ -123,7 +151,9 @@ def test_calibrate_end_to_end_and_resume(model_path, tmp_path):
     assert len(predictors.offline_layers) == 4 and sorted(predictors.layers) == list(range(29))
     report = json.loads((tmp_path / "smol.specee.gguf.report.json").read_text())
     assert report["held_out_steps"] > 0 and len(report["thresholds"]) == 7
+    assert 0 < report["on_policy_train_steps"] < report["train_steps"]
     assert len(os.listdir(tmp_path / "smol.specee.gguf.calib" / "train")) == 4
+    assert len(os.listdir(tmp_path / "smol.specee.gguf.calib" / "train-mask")) == 4
     # a second run reuses every collected prompt
     second = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert second.returncode == 0 and "4/4" in second.stderr
