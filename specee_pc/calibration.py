@@ -138,9 +138,9 @@ def record_prompt(llm, drafter: Drafter, prompt_tokens: Sequence[int], n_new: in
 
 def decode_with_exits(llm, predictors, drafter: Drafter, prompt_tokens: Sequence[int], n_new: int) -> List[int]:
     """The greedy output of up to n_new tokens that the engine emits with these predictors under
-    kv_policy "mask": where exits make it drift from the full model's (under mask this model's
-    output falls into repetition more often), predictors trained on the full model's contexts alone
-    have not seen the contexts they will decide in."""
+    kv_policy "mask". Exits make it drift from the full model's output (small models fall into
+    repetition more often), into contexts that predictors trained on the full model's alone have
+    not seen."""
     llm.configure_exits(predictor=predictors, kv_policy="mask", drafter=drafter)
     output = []
     try:
