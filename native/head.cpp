@@ -10,7 +10,7 @@
 // and reused: its K/V writes go through index inputs (set_rows) and its attention spans a padded
 // length with the tail masked. Q/K/V and gate/up are fused at load (one matrix product each).
 // On the CPU, matrices its kernels can interleave (q4_0 on x86 and ARM) are stored repacked, as
-// llama.cpp stores its own weights: one-row products then run ~20% faster.
+// llama.cpp stores its own weights (SmolLM2's head: a proposal 17% faster than unpacked q4_0).
 #include "specee.h"
 
 #include "ggml-alloc.h"
