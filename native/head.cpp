@@ -9,7 +9,7 @@
 // Decoding proposes one row per step, so that graph is built once per STEP_LEN_ALIGN positions
 // and reused: its K/V writes go through index inputs (set_rows) and its attention spans a padded
 // length with the tail masked. Q/K/V and gate/up are fused at load (one matrix product each).
-// On the CPU, matrices its kernels can interleave (q4_0 on x86 and ARM) are stored repacked, as
+// On the CPU, matrices its kernels can interleave (q4_0, on x86 with AVX2 and on ARM) are stored repacked, as
 // llama.cpp stores its own weights (SmolLM2's head: a proposal 17% faster than unpacked q4_0).
 #include "specee.h"
 

@@ -140,7 +140,7 @@ def decode_with_exits(llm, predictors, drafter: Drafter, prompt_tokens: Sequence
     """The greedy output of up to n_new tokens that the engine emits with these predictors under
     kv_policy "mask". Exits make it drift from the full model's output (small models fall into
     repetition more often), into contexts that predictors trained on the full model's alone have
-    not seen."""
+    not seen. Afterwards exits are off and the llm feeds `drafter` hidden states, as recording needs."""
     llm.configure_exits(predictor=predictors, kv_policy="mask", drafter=drafter)
     output = []
     try:

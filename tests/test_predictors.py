@@ -154,9 +154,13 @@ def test_calibrate_end_to_end_and_resume(model_path, tmp_path):
     assert 0 < report["on_policy_train_steps"] < report["train_steps"]
     assert len(os.listdir(tmp_path / "smol.specee.gguf.calib" / "train")) == 4
     assert len(os.listdir(tmp_path / "smol.specee.gguf.calib" / "train-mask")) == 4
-    # a second run reuses every collected prompt
+    # a second run reuses every collected prompt: no shard is written again
+    shards = sorted((tmp_path / "smol.specee.gguf.calib").glob("*/*.npz"))
+    written = [p.stat().st_mtime_ns for p in shards]
     second = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert second.returncode == 0 and "4/4" in second.stderr
+    assert second.returncode == 0, second.stderr
+    assert sorted((tmp_path / "smol.specee.gguf.calib").glob("*/*.npz")) == shards
+    assert [p.stat().st_mtime_ns for p in shards] == written
     llm = specee_pc.Llama(model_path, n_ctx=512, n_threads=2, verbose=False, predictor=str(out))
     llm.create_completion("Count from one to twenty: one, two, three,", max_tokens=24, temperature=0.0)
     assert llm.exit_stats.steps > 0

@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for kv_policy mask: train the predictors once, decode the training prompts with their exits "
                         "under mask, record along those outputs (labels: the full model's tokens) and train again "
                         "on both; under mask the output drifts from the full model's (into repetition, on small "
-                        "models) and the predictors then know those contexts (doubles the collection time)")
+                        "models) and the predictors then know those contexts (the training prompts are collected "
+                        "a second time; those outputs are kept in WORK_DIR/train-mask*: delete it after changing "
+                        "training options)")
     p.add_argument("--seed", type=int, default=0)
     h = p.add_argument_group("draft head (--head)")
     h.add_argument("--head", action="store_true", help="train an EAGLE-1 draft head and use its candidates")
@@ -127,6 +129,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         train_prompts = [train_prompts[i] for i in sorted(rng.permutation(len(train_prompts))[:args.prompts])]
         held_out = [held_out[i] for i in sorted(rng.permutation(len(held_out))[:args.eval_prompts])]
         llm = Llama(args.model, n_ctx=2048, n_threads=threads, verbose=False)
+        if args.on_policy and llm._sliding_window_layers():
+            raise SpeceeError("--on-policy decodes with kv_policy mask, which does not handle this model's "
+                              "sliding-window attention")
         head = head_report = None
         records_suffix = ""
         if args.head:
