@@ -15,7 +15,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_tokenizer import LlamaTokenizer
 
 from .default_model import shipped_predictor_path
-from .drafters import HEAD_DRAFTERS, DraftModelDrafter, Drafter, NgramDrafter
+from .drafters import DRAFTER_NAMES, HEAD_DRAFTERS, DraftModelDrafter, Drafter, NgramDrafter
 from .engine import ExitEngine, ExitStats
 from .errors import ModelFileError
 from .hook import LayerHook
@@ -192,7 +192,7 @@ class Llama(llama_cpp.Llama):
                 drafter = NgramDrafter()
             elif isinstance(drafter, str):
                 if not drafter.endswith(".gguf"):
-                    names = ", ".join(repr(name) for name in ["auto", *HEAD_DRAFTERS, "ngram"])
+                    names = ", ".join(repr(name) for name in DRAFTER_NAMES)
                     raise ValueError(f"unknown drafter {drafter!r}: use {names}, a draft model .gguf path or a Drafter")
                 drafter = owned = DraftModelDrafter(drafter, target_vocab=self.weights.n_vocab, n_ctx=self._n_ctx,
                                                     n_threads=self.n_threads, n_gpu_layers=self._draft_gpu_layers)

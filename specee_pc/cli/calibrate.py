@@ -132,35 +132,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.on_policy and llm._sliding_window_layers():
             raise SpeceeError("--on-policy decodes with kv_policy mask, which does not handle this model's "
                               "sliding-window attention")
-        head = head_report = None
-        records_suffix = ""
-        if args.head:
-            head_work = os.path.join(work_dir, "head")
-            options = HeadOptions(vocab_size=args.head_vocab, n_ff=args.head_ff, tensor_type=args.head_type,
-                                  epochs=args.head_epochs, lr=args.head_lr, tokens=args.head_tokens,
-                                  exit_mix=args.head_exit_mix, k=args.k, seed=args.seed)
-            head, head_report, held_traces = train_draft_head(llm, head_train_prompts, held_out, head_work, options)
-            head_file = os.path.join(head_work, "head.gguf")  # the head alone, for the native drafter
-            w = llm.weights
-            write_predictor_file(head_file, PredictorFile(w.arch, w.n_layer, w.n_embd, w.n_vocab, args.k, args.threshold,
-                                                          [], head=head))
-            drafter = HEAD_DRAFTERS[args.head_candidates](head_file, w, n_ctx=2048, n_threads=threads)
-            head_report["native_top_k_hit_rate"] = native_hit_rate(drafter.head, w, held_traces, args.k)
-            print(f"draft head: held-out top-{args.k} hit rate {head_report[f'top{args.k}']:.3f} (torch), "
-                  f"{head_report['native_top_k_hit_rate']:.3f} (native, {args.head_type}); "
-                  f"vocabulary covers {head_report['vocab_coverage']:.3f} of the greedy tokens")
-            llm.feed_hidden_states(drafter)
-            records_suffix = "-" + args.head_candidates
-        elif args.draft:
-            drafter = DraftModelDrafter(args.draft, target_vocab=llm.weights.n_vocab, n_threads=threads)
-        else:
-            drafter = NgramDrafter()
-        start = time.perf_counter()
-        train = collect(llm, drafter, train_prompts, os.path.join(work_dir, "train" + records_suffix), args.tokens,
-                        args.k, "collecting (train)")
-        evaluation = collect(llm, drafter, held_out, os.path.join(work_dir, "held-out" + records_suffix), args.tokens,
-                             args.k, "collecting (held-out)")
         w = llm.weights
+        head = head_report = None
+        drafter_name = "ngram"  # the file's: what its predictors learn from
+        records_suffix = ""
 
         def train_predictors(records):
             offline = choose_offline_layers(records, args.offline_layers)
@@ -170,10 +145,34 @@ def main(argv: Optional[List[str]] = None) -> int:
         def predictor_file(offline, predictors):
             return PredictorFile(w.arch, w.n_layer, w.n_embd, w.n_vocab, args.k, args.threshold, offline, [-2, 0, 2],
                                  predictors, model_name=os.path.basename(args.model),
-                                 model_fingerprint=model_fingerprint(w), head=head,
-                                 drafter=args.head_candidates if head else os.path.basename(args.draft) if args.draft
-                                 else "ngram")
+                                 model_fingerprint=model_fingerprint(w), drafter=drafter_name, head=head)
 
+        if args.head:
+            head_work = os.path.join(work_dir, "head")
+            options = HeadOptions(vocab_size=args.head_vocab, n_ff=args.head_ff, tensor_type=args.head_type,
+                                  epochs=args.head_epochs, lr=args.head_lr, tokens=args.head_tokens,
+                                  exit_mix=args.head_exit_mix, k=args.k, seed=args.seed)
+            head, head_report, held_traces = train_draft_head(llm, head_train_prompts, held_out, head_work, options)
+            head_file = os.path.join(head_work, "head.gguf")  # the head alone, for the native drafter
+            write_predictor_file(head_file, predictor_file([], {}))
+            drafter = HEAD_DRAFTERS[args.head_candidates](head_file, w, n_ctx=2048, n_threads=threads)
+            head_report["native_top_k_hit_rate"] = native_hit_rate(drafter.head, w, held_traces, args.k)
+            print(f"draft head: held-out top-{args.k} hit rate {head_report[f'top{args.k}']:.3f} (torch), "
+                  f"{head_report['native_top_k_hit_rate']:.3f} (native, {args.head_type}); "
+                  f"vocabulary covers {head_report['vocab_coverage']:.3f} of the greedy tokens")
+            llm.feed_hidden_states(drafter)
+            drafter_name = args.head_candidates
+            records_suffix = "-" + args.head_candidates
+        elif args.draft:
+            drafter = DraftModelDrafter(args.draft, target_vocab=w.n_vocab, n_threads=threads)
+            drafter_name = os.path.basename(args.draft)
+        else:
+            drafter = NgramDrafter()
+        start = time.perf_counter()
+        train = collect(llm, drafter, train_prompts, os.path.join(work_dir, "train" + records_suffix), args.tokens,
+                        args.k, "collecting (train)")
+        evaluation = collect(llm, drafter, held_out, os.path.join(work_dir, "held-out" + records_suffix), args.tokens,
+                             args.k, "collecting (held-out)")
         on_policy_steps = 0
         if args.on_policy:
             first = predictor_file(*train_predictors(train))

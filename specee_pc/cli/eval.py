@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..drafters import HEAD_DRAFTERS
+from ..drafters import DRAFTER_NAMES
 from .reports import name_list, run_command, write_report
 from .run import default_threads
 
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor", default="auto", metavar="FILE.gguf",
                    help="predictor file (default: the one shipped for the model)")
     p.add_argument("--draft", metavar="DRAFT.gguf", help="candidates from this draft model (instead of --drafter)")
-    p.add_argument("--drafter", choices=["auto", *HEAD_DRAFTERS, "ngram"], default="auto",
+    p.add_argument("--drafter", choices=DRAFTER_NAMES, default="auto",
                    help="candidates from the predictor file's draft head, the head merged with prompt lookup "
                         "(head+lookup), or prompt lookup (ngram); auto: the ones the file's predictors were "
                         "trained on (default)")

@@ -6,7 +6,7 @@ import sys
 from typing import List, Optional
 
 from ..default_model import default_model_path
-from ..drafters import HEAD_DRAFTERS
+from ..drafters import DRAFTER_NAMES
 from ..errors import SpeceeError
 from ..llama import Llama
 
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     exits.add_argument("--draft", metavar="MODEL.gguf",
                        help="draft model sharing the target's vocabulary: its top-k are the candidates "
                             "(instead of --drafter)")
-    exits.add_argument("--drafter", choices=["auto", *HEAD_DRAFTERS, "ngram"], default="auto",
+    exits.add_argument("--drafter", choices=DRAFTER_NAMES, default="auto",
                        help="candidates from the predictor file's EAGLE draft head, the head merged with "
                             "prompt lookup (head+lookup), or prompt lookup over the context (ngram); auto: the "
                             "ones the file's predictors were trained on (default)")
