@@ -173,12 +173,17 @@ class DraftHead {
         }
     }
 
-    std::vector<int32_t> propose(const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & tokens, int32_t k) {
+    // lookup_lead >= 0: merged with prompt lookup (specee_head_lookup_propose)
+    std::vector<int32_t> propose(const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & tokens, int32_t k,
+                                 int32_t lookup_lead, int32_t max_ngram, int32_t window) {
         std::vector<int32_t> out(std::max(k, 0));
+        const int32_t n_tokens = (int32_t) tokens.size();
         int32_t n;
         {
             py::gil_scoped_release release;
-            n = specee_head_propose(h_.get(), tokens.data(), (int32_t) tokens.size(), k, out.data());
+            n = lookup_lead < 0 ? specee_head_propose(h_.get(), tokens.data(), n_tokens, k, out.data())
+                                : specee_head_lookup_propose(h_.get(), tokens.data(), n_tokens, k, lookup_lead, max_ngram,
+                                                             window, out.data());
         }
         out.resize(n);
         return out;
@@ -327,8 +332,10 @@ PYBIND11_MODULE(_native, m) {
         .def("reset", [](DraftHead & h) { specee_head_reset(h.get()); }, "forget every stored feature and cached row")
         .def("set_features", &DraftHead::set_features, py::arg("pos"), py::arg("hidden"),
              "the target's hidden states (before the final norm) at positions pos, pos+1, ...")
-        .def("propose", &DraftHead::propose, py::arg("tokens"), py::arg("k"),
-             "top-k target ids for the token after the context (empty when a feature is missing)")
+        .def("propose", &DraftHead::propose, py::arg("tokens"), py::arg("k"), py::arg("lookup_lead") = -1,
+             py::arg("max_ngram") = 3, py::arg("window") = 1024,
+             "top-k target ids for the token after the context (empty when a feature is missing); with "
+             "lookup_lead >= 0, the head's top lookup_lead, then prompt-lookup matches, then the head's next")
         .def("prefill", &DraftHead::prefill, py::arg("tokens"),
              "after a prompt: run the rows its tokens determine (False when a feature is missing)")
         .def("time_lm_head", [](DraftHead & h, int32_t n_runs) { return specee_head_time_lm_head(h.get(), n_runs); },

@@ -4,6 +4,7 @@
 #include "specee.h"
 
 #include <algorithm>
+#include <vector>
 
 // length of the match between the tokens ending at j and those ending at n-1, up to max_ngram
 static int32_t match_length(const int32_t * tail, int32_t n, int32_t j, int32_t max_ngram) {
@@ -28,4 +29,25 @@ int32_t specee_lookup_matches(const int32_t * tokens, int32_t n, int32_t k, int3
         }
     }
     return found;
+}
+
+int32_t specee_head_lookup_propose(struct specee_head * h, const int32_t * tokens, int32_t n, int32_t k, int32_t lead,
+                                   int32_t max_ngram, int32_t window, int32_t * out) {
+    if (k <= 0) return 0;
+    std::vector<int32_t> head(k), found(k);
+    const int32_t n_head = specee_head_propose(h, tokens, n, k, head.data());
+    if (n_head < k) { // nothing to draft from (or a vocabulary smaller than k): the head's alone
+        std::copy(head.begin(), head.begin() + n_head, out);
+        return n_head;
+    }
+    const int32_t n_found = specee_lookup_matches(tokens, n, k, max_ngram, window, found.data());
+    int32_t m = 0;
+    auto add = [&](int32_t token) {
+        if (m < k && std::find(out, out + m, token) == out + m) out[m++] = token;
+    };
+    const int32_t n_lead = std::clamp(lead, 0, n_head);
+    for (int32_t i = 0; i < n_lead; ++i) add(head[i]);
+    for (int32_t i = 0; i < n_found; ++i) add(found[i]);
+    for (int32_t i = n_lead; i < n_head; ++i) add(head[i]);
+    return m;
 }

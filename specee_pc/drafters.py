@@ -128,10 +128,9 @@ class HeadLookupDrafter(HeadDrafter):
     lead = 2
 
     def propose(self, context: Sequence[int], k: int) -> List[int]:
-        head = super().propose(context, k)
-        if len(head) < k:
-            return head  # no hidden states for this position: nothing to draft from
-        return list(dict.fromkeys(head[:self.lead] + lookup_matches(context, k) + head[self.lead:]))[:k]
+        # one native call: Python's share of this, on the caches a target step leaves, was ~0.1 ms
+        # (empty when there are no hidden states for this position: nothing to draft from)
+        return self.head.propose(np.asarray(context, dtype=np.int32), k, self.lead)
 
 
 HEAD_DRAFTERS = {"head": HeadDrafter, "head+lookup": HeadLookupDrafter}  # the drafters a file's head runs

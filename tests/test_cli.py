@@ -126,10 +126,10 @@ def test_chat_ctrl_c_stops_the_answer_then_exit_leaves(tmp_path):
 
 def test_early_exit_flags_and_summary(tmp_path):
     result = run_cli(["run", "-p", "Name a color.", "-n", "12", "--temp", "0", "-t", "2",
-                      "--force-exit-layers", "24", "--kv-policy", "mask"], tmp_path)
+                      "--force-exit-layers", "24", "--threshold", "1", "--kv-policy", "mask"], tmp_path)
     assert result.returncode == 0, result.stderr
     summary = result.stderr.strip().splitlines()[-1]
-    assert "mean layers 25.0/30" in summary and "exits" in summary
+    assert "mean layers 25.0/30" in summary and "exits 11/11" in summary  # every step at 24 (predictors off)
     bad = run_cli(["run", "-p", "hi", "--force-exit-layers", "29"], tmp_path)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "forced exit layers" in bad.stderr
     missing = run_cli(["run", "-p", "hi", "--predictor", "nope.gguf"], tmp_path)

@@ -229,30 +229,27 @@ def test_auto_drafts_with_the_files_trained_candidates(llm, shipped, tmp_path):
 
 def test_lookup_merged_candidates_hit_more_than_the_heads(model_path, shipped):
     """head+lookup keeps the head's top 2 and puts the context's repeats before the head's next:
-    on the full model's output (exact policy) its candidates hold the emitted token more often.
-    (Exits change the batches, so the two outputs may part at a near-tie; the rates still compare.)"""
-    hits = {}
-    for drafter in ("head", "head+lookup"):
-        llm = specee_pc.Llama(model_path, n_ctx=N_CTX, n_threads=N_THREADS, verbose=False, predictor="auto",
-                              kv_policy="exact", drafter=drafter)
-        try:
-            tokens = chat_tokens(llm, PROMPT)
-            output = [t for _, t in zip(range(96), llm.generate(tokens, temp=0.0))]
-            stats = llm.exit_stats
-            hits[drafter] = stats.candidate_hits / stats.candidate_steps
-            assert len(output) == 96 and stats.candidate_steps > 50
-            if drafter == "head+lookup":  # the merge, on contexts the head still holds states for
-                merged = llm.exit_drafter
-                for end in range(len(tokens) + 8, llm.n_tokens, 8):
-                    context = llm.input_ids[:end]
-                    head = HeadDrafter.propose(merged, context, 4)
-                    lookup = lookup_matches(context, 4)
-                    ours = merged.propose(context, 4)
-                    assert len(set(ours)) == 4 and ours[:2] == head[:2] and set(ours) <= set(head + lookup)
-                    assert not lookup or lookup[0] in ours
-        finally:
-            llm.close()
-    assert hits["head+lookup"] > hits["head"] + 0.1  # measured 0.75 against 0.54
+    on every context of one output of the full model (exact policy), its candidates hold the
+    next token more often than the head's own 4. (Compared on the same contexts: outputs that
+    part at a near-tie would hold different repeats.)"""
+    llm = specee_pc.Llama(model_path, n_ctx=N_CTX, n_threads=N_THREADS, verbose=False, predictor="auto",
+                          kv_policy="exact", drafter="head+lookup")
+    try:
+        tokens = chat_tokens(llm, PROMPT)
+        assert len([t for _, t in zip(range(96), llm.generate(tokens, temp=0.0))]) == 96
+        merged, hits = llm.exit_drafter, {"head": 0, "head+lookup": 0}
+        ends = range(len(tokens), llm.n_tokens)  # contexts the head still holds states for
+        for end in ends:
+            context, following = llm.input_ids[:end], llm.input_ids[end]
+            head = HeadDrafter.propose(merged, context, 4)
+            lookup = lookup_matches(context, 4)
+            ours = merged.propose(context, 4)
+            assert ours == list(dict.fromkeys(head[:2] + lookup + head[2:]))[:4] and len(set(ours)) == 4
+            hits["head"] += following in head
+            hits["head+lookup"] += following in ours
+    finally:
+        llm.close()
+    assert hits["head+lookup"] > hits["head"] + 0.05 * len(ends)  # measured 0.54 against 0.46
 
 
 def test_head_drafter_errors(llm, model_path, tmp_path):
