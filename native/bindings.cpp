@@ -326,6 +326,9 @@ PYBIND11_MODULE(_native, m) {
         .def(py::init<const std::string &, const Weights &, int32_t, int32_t, bool>(), py::arg("path"), py::arg("weights"),
              py::arg("n_ctx"), py::arg("n_threads") = 1, py::arg("gpu") = false, py::keep_alive<1, 3>())
         .def_property_readonly("n_draft_vocab", [](const DraftHead & h) { return h.info().n_draft_vocab; })
+        .def_property_readonly("n_repacked", [](const DraftHead & h) { return h.info().n_repacked; },
+                               "matrices held repacked for the CPU's faster kernels (of 6: fc, qkv, output, "
+                               "gate_up, down, LM-head rows)")
         .def_property_readonly("rows_run", [](DraftHead & h) { return specee_head_rows_run(h.get()); },
                                "rows computed since creation")
         .def("vocab", &DraftHead::vocab)

@@ -131,6 +131,7 @@ struct specee_head;
 struct specee_head_info {
     int32_t n_embd, n_head, n_head_kv, head_dim, n_ff, n_draft_vocab;
     float   rope_freq_base, norm_eps;
+    int32_t n_repacked; // matrices (of 6) held in the CPU backend's repacking buffer type
 };
 
 // Loads the head tensors (head.*) and metadata (specee.head.*) of a predictor GGUF for target
@@ -167,9 +168,9 @@ int64_t specee_head_rows_run(const struct specee_head * h);
 // [n-1][n_draft_vocab].
 bool specee_head_forward(struct specee_head * h, const int32_t * tokens, int32_t n, float * out_hidden, float * out_logits);
 
-// Median ms of the head's LM head (draft-vocabulary rows) alone over n_runs, each after 64 MiB
-// of other memory traffic (as after a target step): its share of a proposal, for the
-// benchmark's cost budget. -1 on failure.
+// Median ms of the head's LM head (draft-vocabulary rows) alone over n_runs, each after reading
+// 64 MiB of other memory (as a target step streams its weights): its share of a proposal, for
+// the benchmark's cost budget. -1 on failure.
 double specee_head_time_lm_head(struct specee_head * h, int32_t n_runs);
 
 // ---------------------------------------------------------------- prompt lookup

@@ -1,6 +1,8 @@
 """The EAGLE-1 draft head: hidden-state feeding, native ggml inference against its torch twin,
 incremental proposals, and the head as the engine's drafter."""
 import dataclasses
+import os
+import platform
 
 import llama_cpp
 import numpy as np
@@ -104,6 +106,8 @@ def test_native_head_matches_torch(llm, shipped, trace, tmp_path, tensor_type):
     write_predictor_file(path, dataclasses.replace(shipped, head=head, layers={}))
     stored = read_predictor_file(path).head  # the weights as stored: torch runs the dequantized ones
     native = _native.DraftHead(path, llm.weights, 256, N_THREADS)
+    if cpu_has_avx2():  # llama.cpp's CPU kernels interleave q4_0 there (not q8_0, f32)
+        assert native.n_repacked == (5 if tensor_type == "q4_0" else 0)  # not the LM-head rows: q8_0
     native.set_features(0, hidden)
     h_native, logits_native = native.forward(tokens.tolist())
     h_torch, logits_torch = run_torch(llm, torch_head(llm, stored), tokens, hidden)
@@ -116,6 +120,13 @@ def test_native_head_matches_torch(llm, shipped, trace, tmp_path, tensor_type):
     top1_native, top1_torch = logits_native.argmax(1), logits_torch.argmax(1)
     gap = logits_torch[rows, top1_torch] - logits_torch[rows, top1_native]
     assert (gap < bound).all() and (top1_native == top1_torch).mean() > 0.9
+
+
+def cpu_has_avx2():
+    if platform.machine() not in ("x86_64", "AMD64") or not os.path.exists("/proc/cpuinfo"):
+        return False
+    with open("/proc/cpuinfo") as f:
+        return " avx2" in f.read()
 
 
 def forward_top4(path, weights, features, tokens):

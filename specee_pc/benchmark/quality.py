@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Sequence
 
 import llama_cpp
 import numpy as np
+from tqdm import tqdm
 
 from .runs import Run, first_divergence, greedy_agreement, next_logits, replay_matches
 
@@ -58,18 +59,17 @@ def check_outputs(configs, runs: Sequence[Run], prompt_tokens: Dict[str, List[in
         return float(row[theirs[at]] - row[ours[at]])
 
     checks = []
-    for config in configs:
-        if config.name == "vanilla":
-            continue
-        for prompt, tokens in prompt_tokens.items():
-            run = first[(config.name, prompt)]
-            at = first_divergence(run.tokens, reference[prompt])
-            check = OutputCheck(config.name, prompt, at is None, at, len(reference[prompt]), tokens=len(run.tokens))
-            if not config.lossless and replay is not None:
-                check.greedy_agreeing = greedy_agreement(replay, tokens, run.tokens)
-            if at is not None:
-                check.logit_gap = logit_gap(prompt, run.tokens, at)
-                if config.kind == "specee" and config.lossless and replay is not None:
-                    check.replay_identical = replay_matches(replay, run, tokens)
-            checks.append(check)
+    pairs = [(config, prompt, tokens) for config in configs if config.name != "vanilla"
+             for prompt, tokens in prompt_tokens.items()]
+    for config, prompt, tokens in tqdm(pairs, desc="checking outputs", unit="output"):
+        run = first[(config.name, prompt)]
+        at = first_divergence(run.tokens, reference[prompt])
+        check = OutputCheck(config.name, prompt, at is None, at, len(reference[prompt]), tokens=len(run.tokens))
+        if not config.lossless and replay is not None:
+            check.greedy_agreeing = greedy_agreement(replay, tokens, run.tokens)
+        if at is not None:
+            check.logit_gap = logit_gap(prompt, run.tokens, at)
+            if config.kind == "specee" and config.lossless and replay is not None:
+                check.replay_identical = replay_matches(replay, run, tokens)
+        checks.append(check)
     return checks
