@@ -176,6 +176,9 @@ class DraftHead {
     // lookup_lead >= 0: merged with prompt lookup (specee_head_lookup_propose)
     std::vector<int32_t> propose(const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & tokens, int32_t k,
                                  int32_t lookup_lead, int32_t max_ngram, int32_t window) {
+        if (lookup_lead >= 0 && (max_ngram < 1 || window < 1)) {
+            throw py::value_error("prompt lookup needs max_ngram and window of at least 1");
+        }
         std::vector<int32_t> out(std::max(k, 0));
         const int32_t n_tokens = (int32_t) tokens.size();
         int32_t n;

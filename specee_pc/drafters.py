@@ -128,7 +128,7 @@ class HeadLookupDrafter(HeadDrafter):
     lead = 2
 
     def propose(self, context: Sequence[int], k: int) -> List[int]:
-        # one native call: Python's share of this, on the caches a target step leaves, was ~0.1 ms
+        # one native call: Python's share of this, on the caches a target step leaves, was 0.03-0.05 ms
         # (empty when there are no hidden states for this position: nothing to draft from)
         return self.head.propose(np.asarray(context, dtype=np.int32), k, self.lead)
 

@@ -22,20 +22,21 @@ def llm(model_path) -> specee_pc.Llama:
 
 
 @pytest.fixture(scope="session")
-def reference_model(model_path) -> llama_cpp.Llama:
+def reference(model_path) -> llama_cpp.Llama:
+    """llama-cpp-python's own Llama on the same model: the reference for every exactness check."""
     model = llama_cpp.Llama(model_path, n_ctx=N_CTX, n_threads=N_THREADS, seed=1234, verbose=False)
     yield model
     model.close()
 
 
-@pytest.fixture
-def reference(reference_model) -> llama_cpp.Llama:
-    """llama-cpp-python's own Llama on the same model: the reference for every exactness check.
-    Each test starts it from an empty cache, as its own fresh models start: a prefix kept from
-    another test's call would be evaluated in other batch shapes (SPEC §3), and a near-tie part."""
-    reference_model.reset()
-    return reference_model
-
+@pytest.fixture(autouse=True)
+def fresh_caches(request):
+    """Each test starts the shared models from an empty cache, as the models it makes start: a
+    prefix kept from another test's call would end in a 1-token batch, other batch shapes
+    (SPEC §3), and a near-tie may then part."""
+    for name in ("llm", "reference"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).reset()
 
 
 def constant_predictors(weights, layers, score_logit=10.0, **options):

@@ -1,7 +1,6 @@
 """The EAGLE-1 draft head: hidden-state feeding, native ggml inference against its torch twin,
 incremental proposals, and the head as the engine's drafter."""
 import dataclasses
-import os
 import platform
 
 import llama_cpp
@@ -106,7 +105,7 @@ def test_native_head_matches_torch(llm, shipped, trace, tmp_path, tensor_type):
     write_predictor_file(path, dataclasses.replace(shipped, head=head, layers={}))
     stored = read_predictor_file(path).head  # the weights as stored: torch runs the dequantized ones
     native = _native.DraftHead(path, llm.weights, 256, N_THREADS)
-    if cpu_has_avx2():  # llama.cpp's CPU kernels interleave q4_0 there (not q8_0, f32)
+    if cpu_repacks_for_avx2():  # llama.cpp's CPU kernels interleave q4_0 there (not q8_0, f32)
         assert native.n_repacked == (5 if tensor_type == "q4_0" else 0)  # not the LM-head rows: q8_0
     native.set_features(0, hidden)
     h_native, logits_native = native.forward(tokens.tolist())
@@ -122,11 +121,10 @@ def test_native_head_matches_torch(llm, shipped, trace, tmp_path, tensor_type):
     assert (gap < bound).all() and (top1_native == top1_torch).mean() > 0.9
 
 
-def cpu_has_avx2():
-    if platform.machine() not in ("x86_64", "AMD64") or not os.path.exists("/proc/cpuinfo"):
-        return False
-    with open("/proc/cpuinfo") as f:
-        return " avx2" in f.read()
+def cpu_repacks_for_avx2():
+    """llama.cpp's CPU backend, as built, has AVX2 kernels and repacks weights for them."""
+    info = llama_cpp.llama_print_system_info()
+    return platform.machine() in ("x86_64", "AMD64") and b"AVX2 = 1" in info and b"REPACK = 1" in info
 
 
 def forward_top4(path, weights, features, tokens):
@@ -276,6 +274,9 @@ def test_head_drafter_errors(llm, model_path, tmp_path):
         _native.DraftHead(path, llm.weights, 64)
     with pytest.raises(ModelFileError):
         read_predictor_file(str(tmp_path / "missing.gguf"))
+    head = _native.DraftHead(shipped_predictor_path(llm.weights), llm.weights, 64)
+    with pytest.raises(ValueError, match="prompt lookup"):
+        head.propose(np.arange(8, dtype=np.int32), 4, lookup_lead=2, max_ngram=0)
 
 
 def test_loaded_state_is_not_drafted_from_stale_states(model_path, shipped):

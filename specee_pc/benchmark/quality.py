@@ -6,7 +6,6 @@ from typing import Dict, List, Optional, Sequence
 
 import llama_cpp
 import numpy as np
-from tqdm import tqdm
 
 from .runs import Run, first_divergence, greedy_agreement, next_logits, replay_matches
 
@@ -57,6 +56,8 @@ def check_outputs(configs, runs: Sequence[Run], prompt_tokens: Dict[str, List[in
             rows[(prompt, at)] = next_logits(vanilla, list(prompt_tokens[prompt]) + theirs[:at])
         row = rows[(prompt, at)]
         return float(row[theirs[at]] - row[ours[at]])
+
+    from tqdm import tqdm
 
     checks = []
     pairs = [(config, prompt, tokens) for config in configs if config.name != "vanilla"
