@@ -42,6 +42,8 @@ def check_outputs(configs, runs: Sequence[Run], prompt_tokens: Dict[str, List[in
     vanilla: a llama_cpp.Llama on the target (for logit gaps); replay: one built with a draft
     model (so it keeps all logits) and the configurations' layer placement, used to replay specee
     exact runs and to judge lossy outputs step by step (None: neither)."""
+    from tqdm import tqdm
+
     first = {(r.config, r.prompt): r for r in runs if r.rep == 0}
     reference = {prompt: first[("vanilla", prompt)].tokens for prompt in prompt_tokens}
     rows: Dict[tuple, np.ndarray] = {}  # configurations often part from vanilla at the same near-tie
@@ -56,8 +58,6 @@ def check_outputs(configs, runs: Sequence[Run], prompt_tokens: Dict[str, List[in
             rows[(prompt, at)] = next_logits(vanilla, list(prompt_tokens[prompt]) + theirs[:at])
         row = rows[(prompt, at)]
         return float(row[theirs[at]] - row[ours[at]])
-
-    from tqdm import tqdm
 
     checks = []
     pairs = [(config, prompt, tokens) for config in configs if config.name != "vanilla"
