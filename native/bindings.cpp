@@ -306,6 +306,13 @@ PYBIND11_MODULE(_native, m) {
     m.def("cpu_buffer_type_address", []() { return reinterpret_cast<uintptr_t>(ggml_backend_cpu_buffer_type()); },
           "ggml's CPU buffer type, for llama_model_params.tensor_buft_overrides");
 
+    m.def("cpu_extra_buffer_types", []() {
+              std::vector<std::string> names;
+              for (const char * name; (name = specee_cpu_extra_buffer_type_name((int32_t) names.size()));) names.emplace_back(name);
+              return names;
+          },
+          "names of the CPU backend's extra buffer types, where llama.cpp stores repacked weights");
+
     m.attr("RULE_VERIFY") = (int) SPECEE_RULE_VERIFY;
     m.attr("RULE_CANDIDATES") = (int) SPECEE_RULE_CANDIDATES;
 

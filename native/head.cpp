@@ -121,12 +121,17 @@ struct specee_head {
 
 namespace {
 
-// The CPU backend's buffer type that stores matrices interleaved for its faster kernels
-// (llama.cpp's "CPU_REPACK", found as llama.cpp finds it), or null
-ggml_backend_buffer_type_t cpu_repack_buffer_type(ggml_backend_dev_t cpu) {
+// The CPU backend's extra buffer types, null-terminated (found as llama.cpp finds them), or null
+ggml_backend_buffer_type_t * cpu_extra_buffer_types(ggml_backend_dev_t cpu) {
     auto extra_bufts = (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(
         ggml_backend_dev_backend_reg(cpu), "ggml_backend_dev_get_extra_bufts");
-    for (ggml_backend_buffer_type_t * b = extra_bufts ? extra_bufts(cpu) : nullptr; b && *b; ++b) {
+    return extra_bufts ? extra_bufts(cpu) : nullptr;
+}
+
+// The CPU backend's buffer type that stores matrices interleaved for its faster kernels
+// (llama.cpp's "CPU_REPACK"), or null
+ggml_backend_buffer_type_t cpu_repack_buffer_type(ggml_backend_dev_t cpu) {
+    for (ggml_backend_buffer_type_t * b = cpu_extra_buffer_types(cpu); b && *b; ++b) {
         if (!strcmp(ggml_backend_buft_name(*b), "CPU_REPACK")) return *b;
     }
     return nullptr;
@@ -393,6 +398,15 @@ void reserve_step_graph(specee_head * h) {
 }
 
 } // namespace
+
+const char * specee_cpu_extra_buffer_type_name(int32_t i) {
+    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    ggml_backend_buffer_type_t * b = cpu ? cpu_extra_buffer_types(cpu) : nullptr;
+    for (int32_t j = 0; b && b[j]; ++j) {
+        if (j == i) return ggml_backend_buft_name(b[j]);
+    }
+    return nullptr;
+}
 
 specee_head * specee_head_init_from_file(const char * path, const specee_weights * target, int32_t n_ctx, int32_t n_threads,
                                          bool gpu, char * err, size_t err_size) {

@@ -173,6 +173,12 @@ bool specee_head_forward(struct specee_head * h, const int32_t * tokens, int32_t
 // the benchmark's cost budget. -1 on failure.
 double specee_head_time_lm_head(struct specee_head * h, int32_t n_runs);
 
+// ---------------------------------------------------------------- CPU backend
+
+// Name of the CPU backend's i-th extra buffer type (where llama.cpp stores weights repacked for
+// faster kernels: "CPU_REPACK", "AMX", ...), or NULL past the last.
+const char * specee_cpu_extra_buffer_type_name(int32_t i);
+
 // ---------------------------------------------------------------- prompt lookup
 
 // Up to k distinct tokens that followed earlier occurrences of the last n-gram of tokens[0..n)

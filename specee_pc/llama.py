@@ -6,6 +6,7 @@ users' code written for `llama_cpp.Llama` runs unchanged.
 import contextlib
 import ctypes
 import time
+import warnings
 from typing import Iterable, Optional, Sequence, Union
 
 import llama_cpp
@@ -14,6 +15,7 @@ from llama_cpp import _internals as internals
 from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_tokenizer import LlamaTokenizer
 
+from . import _native
 from .default_model import shipped_predictor_path
 from .drafters import DRAFTER_NAMES, HEAD_DRAFTERS, DraftModelDrafter, Drafter, NgramDrafter
 from .engine import ExitEngine, ExitStats
@@ -73,10 +75,17 @@ class Llama(llama_cpp.Llama):
                    and llama_cpp.llama_supports_gpu_offload())
         if reverse:
             kwargs["n_gpu_layers"] = 0  # loaded again below with the layers placed
+        # llama.cpp built with AMX kernels (-march=native on a Xeon that has AMX) crashes in
+        # them in llama-cpp-python 0.3.36 (llama.cpp issue 20824): weights stay out of the AMX store
+        amx = "AMX" in _native.cpu_extra_buffer_types()
+        if amx:
+            warnings.warn("llama.cpp was built with AMX kernels, which crash in this version: loading the "
+                          "model without repacked weights (slower). Build llama-cpp-python with "
+                          "CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" to avoid this", RuntimeWarning, stacklevel=2)
         try:
             super().__init__(model_path=model_path, verbose=verbose, **kwargs)
-            if reverse:
-                self._reload_with_first_layers_on_gpu(n_gpu_layers)
+            if reverse or amx:
+                self._reload_model(n_gpu_layers if reverse else 0, extra_buffer_types=not amx)
         except ValueError as e:
             raise ModelFileError(f"{model_path}: llama.cpp cannot load it ({e})") from None
         self._check_same_model()
@@ -101,12 +110,15 @@ class Llama(llama_cpp.Llama):
             raise ModelFileError(f"{self.model_path}: GGUF metadata (n_layer, n_embd, n_vocab) = {ours} "
                                  f"but llama.cpp loaded {theirs}")
 
-    def _reload_with_first_layers_on_gpu(self, n_gpu_layers: int) -> None:
-        """Load the model again with SpecEE's reversed offload (llama_cpp.Llama has no way to pass
-        tensor buffer-type overrides). The first load was CPU-only and mapped, so it was cheap."""
+    def _reload_model(self, first_gpu_layers: int, extra_buffer_types: bool) -> None:
+        """Load the model again with what llama_cpp.Llama cannot pass: SpecEE's reversed offload
+        of the first `first_gpu_layers` layers (tensor buffer-type overrides) and the extra
+        buffer types switch. The first load was CPU-only and mapped, so it was cheap."""
         self._ctx.close()
         self._model.close()
-        overrides = offload_first_layers(self.model_params, self.weights.n_layer, n_gpu_layers)
+        overrides = (offload_first_layers(self.model_params, self.weights.n_layer, first_gpu_layers)
+                     if first_gpu_layers else None)
+        self.model_params.use_extra_bufts = extra_buffer_types
         with suppress_stdout_stderr(disable=self.verbose):
             self._model = self._stack.enter_context(contextlib.closing(
                 internals.LlamaModel(path_model=self.model_path, params=self.model_params, verbose=self.verbose)))

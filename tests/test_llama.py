@@ -89,3 +89,17 @@ def test_offload_first_layers(model_path, reference, monkeypatch):
     assert text(llm.create_completion(PROMPTS[1], max_tokens=24, temperature=0.0)) == \
         text(reference.create_completion(PROMPTS[1], max_tokens=24, temperature=0.0))
     assert llm.tokenize(b"hello") == reference.tokenize(b"hello")
+
+
+def test_weights_stay_out_of_the_amx_store(model_path, reference, llm, monkeypatch):
+    """Where llama.cpp has AMX kernels (they crash in this version) the model is loaded again
+    without extra buffer types, with a warning; elsewhere llama.cpp's repacking stays on. This
+    machine's build has no AMX store (README's CMAKE_ARGS), so it is simulated: the reload runs
+    and outputs stay exact."""
+    assert llm.model_params.use_extra_bufts == ("AMX" not in specee_pc.llama._native.cpu_extra_buffer_types())
+    monkeypatch.setattr(specee_pc.llama._native, "cpu_extra_buffer_types", lambda: ["AMX", "CPU_REPACK"])
+    with pytest.warns(RuntimeWarning, match="AMX"):
+        no_amx = specee_pc.Llama(model_path, n_ctx=512, n_threads=2, verbose=False)
+    assert not no_amx.model_params.use_extra_bufts
+    assert text(no_amx.create_completion(PROMPTS[0], max_tokens=24, temperature=0.0)) == \
+        text(reference.create_completion(PROMPTS[0], max_tokens=24, temperature=0.0))
