@@ -54,9 +54,11 @@ def open_draft_model(path: str, *, target_vocab: int, n_ctx: int, n_threads: int
     """A llama_cpp.Llama on a draft GGUF model, checked to share the target's vocabulary."""
     import llama_cpp
 
+    from .cpu_backend import check_plain_llama_cpp
     from .model_file import open_weights
 
     weights = open_weights(path)  # one-line errors for missing or broken files
+    check_plain_llama_cpp("a draft model")
     if weights.n_vocab != target_vocab:
         raise ValueError(f"{path}: draft model has a vocabulary of {weights.n_vocab} tokens, "
                          f"the target {target_vocab}: they must share one")

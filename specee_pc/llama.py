@@ -15,7 +15,7 @@ from llama_cpp import _internals as internals
 from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_tokenizer import LlamaTokenizer
 
-from . import _native
+from .cpu_backend import AMX_FIX, has_amx_store
 from .default_model import shipped_predictor_path
 from .drafters import DRAFTER_NAMES, HEAD_DRAFTERS, DraftModelDrafter, Drafter, NgramDrafter
 from .engine import ExitEngine, ExitStats
@@ -75,13 +75,11 @@ class Llama(llama_cpp.Llama):
                    and llama_cpp.llama_supports_gpu_offload())
         if reverse:
             kwargs["n_gpu_layers"] = 0  # loaded again below with the layers placed
-        # llama.cpp built with AMX kernels (-march=native on a Xeon that has AMX) crashes in
-        # them in llama-cpp-python 0.3.36 (llama.cpp issue 20824): weights stay out of the AMX store
-        amx = "AMX" in _native.cpu_extra_buffer_types()
+        amx = has_amx_store()  # its kernels crash: the weights stay out of its store
         if amx:
-            warnings.warn("llama.cpp was built with AMX kernels, which crash in this version: loading the "
-                          "model without repacked weights (slower). Build llama-cpp-python with "
-                          "CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" to avoid this", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"llama.cpp was built with AMX kernels, which crash in this version: loading the "
+                          f"model without repacked weights (slower); to avoid it, {AMX_FIX}",
+                          RuntimeWarning, stacklevel=2)
         try:
             super().__init__(model_path=model_path, verbose=verbose, **kwargs)
             if reverse or amx:

@@ -4,9 +4,19 @@ import pytest
 
 import specee_pc
 from specee_pc import predictor_file
+from specee_pc.cpu_backend import AmxKernelsCrash, check_plain_llama_cpp
 
 N_THREADS = 2
 N_CTX = 1024
+
+
+def pytest_sessionstart(session):
+    """The reference of every exactness test is llama-cpp-python's own Llama: where it would
+    crash (llama.cpp's AMX kernels), stop at once and say why."""
+    try:
+        check_plain_llama_cpp("the tests' reference")
+    except AmxKernelsCrash as e:
+        pytest.exit(str(e), returncode=1)
 
 
 @pytest.fixture(scope="session")

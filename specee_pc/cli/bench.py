@@ -154,6 +154,7 @@ def bench(args) -> int:
     from ..benchmark.quality import check_outputs
     from ..benchmark.report import draft_head_cost, flags, markdown, summarize
     from ..calibration import chat_tokens
+    from ..cpu_backend import check_plain_llama_cpp
     from ..default_model import default_model_path
     from ..model_file import open_weights
     from ..oracle import layer_ms
@@ -162,6 +163,7 @@ def bench(args) -> int:
     from ..replay import ReplayExits
 
     check_args(args)
+    check_plain_llama_cpp("the benchmark's reference (vanilla llama-cpp-python)")
     model = args.model or default_model_path()
     weights = open_weights(model)
     prompts = first_prompts(args.sets, args.per_set)
