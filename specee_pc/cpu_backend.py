@@ -1,12 +1,9 @@
 """What llama.cpp's CPU backend was built with, where specee-pc must work around it."""
 from . import _native
-from .errors import SpeceeError
+from .errors import LlamaCppBuildError
 
-AMX_FIX = 'reinstall llama-cpp-python with CMAKE_ARGS="-DGGML_NATIVE=OFF" (after: pip cache remove llama_cpp_python)'
-
-
-class AmxKernelsCrash(SpeceeError):
-    """llama-cpp-python's own Llama would crash in llama.cpp's AMX kernels."""
+AMX_FIX = ('pip cache remove llama_cpp_python && CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" '
+           'pip install --force-reinstall --no-deps llama-cpp-python==0.3.36')
 
 
 def has_amx_store() -> bool:
@@ -20,5 +17,5 @@ def check_plain_llama_cpp(what: str) -> None:
     """Before loading a llama_cpp.Llama, which has no way to keep weights out of the AMX store:
     a one-line error instead of its crash."""
     if has_amx_store():
-        raise AmxKernelsCrash(f"{what} runs llama-cpp-python's own Llama, which crashes in llama.cpp's AMX "
-                              f"kernels in this build: {AMX_FIX}")
+        raise LlamaCppBuildError(f"{what} runs llama-cpp-python's own Llama, which crashes in llama.cpp's AMX "
+                                 f"kernels in this build; rebuild it: {AMX_FIX}")

@@ -11,3 +11,7 @@ class ModelFileError(SpeceeError, ValueError):
 
 class DefaultModelMissing(SpeceeError):
     """No model was given and the package that embeds the default model is not installed."""
+
+
+class LlamaCppBuildError(SpeceeError):
+    """llama-cpp-python was built in a way that crashes (llama.cpp's AMX kernels)."""

@@ -73,17 +73,17 @@ class Llama(llama_cpp.Llama):
         # would only turn llama.cpp's repacked CPU kernels off)
         reverse = (offload_first_layers and 0 < n_gpu_layers < self.weights.n_layer
                    and llama_cpp.llama_supports_gpu_offload())
-        if reverse:
-            kwargs["n_gpu_layers"] = 0  # loaded again below with the layers placed
         amx = has_amx_store()  # its kernels crash: the weights stay out of its store
         if amx:
             warnings.warn(f"llama.cpp was built with AMX kernels, which crash in this version: loading the "
-                          f"model without repacked weights (slower); to avoid it, {AMX_FIX}",
+                          f"model without repacked weights (possibly slower); to avoid it: {AMX_FIX}",
                           RuntimeWarning, stacklevel=2)
+        if reverse or amx:
+            kwargs["n_gpu_layers"] = 0  # loaded again below with the layers placed
         try:
             super().__init__(model_path=model_path, verbose=verbose, **kwargs)
             if reverse or amx:
-                self._reload_model(n_gpu_layers if reverse else 0, extra_buffer_types=not amx)
+                self._reload_model(n_gpu_layers, first_layers_on_gpu=reverse, extra_buffer_types=not amx)
         except ValueError as e:
             raise ModelFileError(f"{model_path}: llama.cpp cannot load it ({e})") from None
         self._check_same_model()
@@ -108,14 +108,18 @@ class Llama(llama_cpp.Llama):
             raise ModelFileError(f"{self.model_path}: GGUF metadata (n_layer, n_embd, n_vocab) = {ours} "
                                  f"but llama.cpp loaded {theirs}")
 
-    def _reload_model(self, first_gpu_layers: int, extra_buffer_types: bool) -> None:
-        """Load the model again with what llama_cpp.Llama cannot pass: SpecEE's reversed offload
-        of the first `first_gpu_layers` layers (tensor buffer-type overrides) and the extra
-        buffer types switch. The first load was CPU-only and mapped, so it was cheap."""
+    def _reload_model(self, n_gpu_layers: int, first_layers_on_gpu: bool, extra_buffer_types: bool) -> None:
+        """Load the model again, n_gpu_layers on the GPU, with what llama_cpp.Llama cannot pass:
+        SpecEE's reversed offload (the first layers on the GPU, by tensor buffer-type overrides)
+        and the extra buffer types switch. The first load was CPU-only: mapped, so cheap, except
+        on an AMX build, which repacked the weights once."""
         self._ctx.close()
         self._model.close()
-        overrides = (offload_first_layers(self.model_params, self.weights.n_layer, first_gpu_layers)
-                     if first_gpu_layers else None)
+        overrides = None
+        if first_layers_on_gpu:
+            overrides = offload_first_layers(self.model_params, self.weights.n_layer, n_gpu_layers)
+        else:  # as llama_cpp.Llama sets it
+            self.model_params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
         self.model_params.use_extra_bufts = extra_buffer_types
         with suppress_stdout_stderr(disable=self.verbose):
             self._model = self._stack.enter_context(contextlib.closing(

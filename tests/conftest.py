@@ -4,7 +4,8 @@ import pytest
 
 import specee_pc
 from specee_pc import predictor_file
-from specee_pc.cpu_backend import AmxKernelsCrash, check_plain_llama_cpp
+from specee_pc.cpu_backend import check_plain_llama_cpp
+from specee_pc.errors import LlamaCppBuildError
 
 N_THREADS = 2
 N_CTX = 1024
@@ -15,7 +16,7 @@ def pytest_sessionstart(session):
     crash (llama.cpp's AMX kernels), stop at once and say why."""
     try:
         check_plain_llama_cpp("the tests' reference")
-    except AmxKernelsCrash as e:
+    except LlamaCppBuildError as e:
         pytest.exit(str(e), returncode=1)
 
 
