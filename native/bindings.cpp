@@ -308,7 +308,7 @@ PYBIND11_MODULE(_native, m) {
 
     m.def("cpu_extra_buffer_types", []() {
               std::vector<std::string> names;
-              for (const char * name; (name = specee_cpu_extra_buffer_type_name((int32_t) names.size()));) names.emplace_back(name);
+              while (const char * name = specee_cpu_extra_buffer_type_name((int32_t) names.size())) names.emplace_back(name);
               return names;
           },
           "names of the CPU backend's extra buffer types, where llama.cpp stores repacked weights");

@@ -402,10 +402,8 @@ void reserve_step_graph(specee_head * h) {
 const char * specee_cpu_extra_buffer_type_name(int32_t i) {
     ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
     ggml_backend_buffer_type_t * b = cpu ? cpu_extra_buffer_types(cpu) : nullptr;
-    for (int32_t j = 0; b && b[j]; ++j) {
-        if (j == i) return ggml_backend_buft_name(b[j]);
-    }
-    return nullptr;
+    for (; b && *b && i > 0; ++b, --i) {}
+    return b && *b && i == 0 ? ggml_backend_buft_name(*b) : nullptr;
 }
 
 specee_head * specee_head_init_from_file(const char * path, const specee_weights * target, int32_t n_ctx, int32_t n_threads,
