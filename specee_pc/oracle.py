@@ -17,7 +17,7 @@ TIMING_PROMPT = "Write a detailed essay about the history of the Roman Empire."
 
 
 @contextlib.contextmanager
-def _timing_model(path: str, threads: int, **llama_kwargs):
+def timing_model(path: str, threads: int, **llama_kwargs):
     """A Llama whose exits are forced (force_exits picks the layers), for timing cut steps."""
     llm = Llama(path, n_ctx=1024, n_threads=threads, verbose=False, force_exit_layers=[0], kv_policy="mask",
                 **llama_kwargs)
@@ -29,7 +29,7 @@ def _timing_model(path: str, threads: int, **llama_kwargs):
 
 def step_ms_by_exit_layer(path: str, threads: int, n_tokens: int = 32, runs: int = 3, **llama_kwargs) -> np.ndarray:
     """ms of a decode step cut after each layer plus one full LM head; the last entry is the full step."""
-    with _timing_model(path, threads, **llama_kwargs) as llm:
+    with timing_model(path, threads, **llama_kwargs) as llm:
         return _step_ms(llm, threads, n_tokens, runs)
 
 
@@ -64,12 +64,17 @@ def _step_ms(llm: Llama, threads: int, n_tokens: int, runs: int) -> np.ndarray:
 
 
 def layer_ms(path: str, threads: int, n_tokens: int = 32, runs: int = 3, **llama_kwargs) -> float:
-    """ms of one target layer in a decode step: the slope of step time between exits forced
-    after the first and after the second-to-last layer."""
-    with _timing_model(path, threads, **llama_kwargs) as llm:
-        n_layer = llm.weights.n_layer
-        first = _decode_ms(llm, [0], n_tokens, runs)
-        return (_decode_ms(llm, [n_layer - 2], n_tokens, runs) - first) / (n_layer - 2)
+    """ms of one target layer in a decode step (layer_ms_of on a timing model of its own)."""
+    with timing_model(path, threads, **llama_kwargs) as llm:
+        return layer_ms_of(llm, n_tokens, runs)
+
+
+def layer_ms_of(llm: Llama, n_tokens: int = 32, runs: int = 3) -> float:
+    """ms of one target layer in a decode step of a timing model: the slope of step time between
+    exits forced after the first and after the second-to-last layer."""
+    n_layer = llm.weights.n_layer
+    first = _decode_ms(llm, [0], n_tokens, runs)
+    return (_decode_ms(llm, [n_layer - 2], n_tokens, runs) - first) / (n_layer - 2)
 
 
 def speed_bound(exit_layers: np.ndarray, step_ms: np.ndarray) -> float:

@@ -11,8 +11,8 @@ import llama_cpp
 import specee_pc
 from specee_pc.benchmark.configs import BenchConfig, BenchModels, build_configs, close_configs
 from specee_pc.benchmark.quality import check_outputs
-from specee_pc.benchmark.report import flags, summarize
-from specee_pc.benchmark.runs import first_divergence, timed_run
+from specee_pc.benchmark.report import draft_head_cost, flags, summarize
+from specee_pc.benchmark.runs import Run, first_divergence, timed_run
 from specee_pc.calibration import chat_tokens
 from specee_pc.prompt_sets import first_prompts
 from specee_pc.replay import ReplayExits
@@ -50,9 +50,12 @@ def test_tiny_bench_writes_a_well_formed_report(tmp_path):
     mask = report["configs"][3]["quality"]  # lossy: judged step by step against the full model
     assert mask["exactness"] == "lossy" and 0 <= mask["greedy_agreement"] <= 1
     assert report["configs"][2]["quality"]["greedy_agreement"] is None  # exact: judged by identity
-    cost = report["draft_head_cost"]
-    assert cost["target_layer_ms"] > 0 and cost["draft_lm_head_ms"] > 0 and cost["draft_vocab"] > 0
-    assert cost["drafter_ms_per_token_max"] > 0 and cost["budget_ms"] == cost["target_layer_ms"] + cost["draft_lm_head_ms"]
+    cost = report["draft_head_cost"]  # the budget timed after each prompt of each repetition
+    assert cost["budget_probes"] == 2 * 2 and cost["draft_vocab"] > 0
+    assert cost["target_layer_ms"] > 0 and cost["draft_lm_head_ms"] > 0 and cost["budget_ms"] > 0
+    assert set(cost["ratio_to_budget"]) == set(cost["drafter_ms_per_token"]) == set(names[2:])
+    assert all(r > 0 for r in cost["ratio_to_budget"].values())
+    assert cost["within_budget"] == (cost["ratio_to_budget_max"] < 1)
     table = (tmp_path / "out.md").read_text()
     assert table.count("\n| specee") == 2 + 2 and "speedup" in table and "Draft head cost" in table
     assert (tmp_path / "out-threshold.png").stat().st_size > 0 and (tmp_path / "out-exit-layers.png").stat().st_size > 0
@@ -100,3 +103,18 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
         assert result.returncode == 1, (args, result.stderr)
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("specee-pc bench: error:"), result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_draft_head_cost_pairs_each_run_with_the_budget_timed_after_its_prompt():
+    """A run is judged against the budget of its own prompt and repetition, not a pooled one: here the
+    drafter takes 90% of the budget in every run while the budget itself doubles between prompts."""
+    def run(prompt, rep, drafter_ms):
+        return Run("head cfg", prompt, rep, 10, tokens=list(range(11)), prompt_seconds=1.0, decode_seconds=1.0,
+                   exit={"drafter_ms": drafter_ms})
+    budgets = {("a", 0): (0.3, 0.2), ("b", 0): (0.6, 0.4), ("a", 1): (0.3, 0.2)}  # ms: layer, LM head
+    runs = [run("a", 0, 4.5), run("b", 0, 9.0), run("a", 1, 4.5), run("b", 1, 1.0)]  # ("b", 1): no budget
+    cost = draft_head_cost(runs, ["head cfg"], budgets, 4096)
+    assert math.isclose(cost["ratio_to_budget"]["head cfg"], 0.9) and cost["within_budget"]
+    assert math.isclose(cost["drafter_ms_per_token"]["head cfg"], 0.45)
+    assert cost["budget_probes"] == len(cost["budgets"]) == 3 and math.isclose(cost["budget_ms"], 0.5)
+    assert cost["budgets"][1] == {"prompt": "b", "rep": 0, "target_layer_ms": 0.6, "draft_lm_head_ms": 0.4}

@@ -10,6 +10,7 @@ from vanilla's are flagged, with a replay of the same batches telling a bug from
 batch-shape numerics. Writes PREFIX.json and PREFIX.md (and PNGs with --plot).
 """
 import argparse
+import contextlib
 import datetime
 import os
 import sys
@@ -124,8 +125,9 @@ def measure_oracle(args, model: str, weights, prompts, k: int, head_files: Dict[
     return result
 
 
-def timed_runs(configs, prompts, tokens, args) -> list:
-    """Every configuration on every prompt, repetitions interleaved, after untimed warm-ups."""
+def timed_runs(configs, prompts, tokens, args, after_prompt=None) -> list:
+    """Every configuration on every prompt, repetitions interleaved, after untimed warm-ups;
+    after_prompt(prompt name, rep), if given, runs after each prompt's configurations."""
     from tqdm import tqdm
 
     from ..benchmark.runs import timed_run
@@ -143,7 +145,28 @@ def timed_runs(configs, prompts, tokens, args) -> list:
                     bar.set_postfix_str(f"{config.name} on {prompt.name}")
                     runs.append(timed_run(config, prompt.name, tokens[prompt.name], args.n_predict, rep))
                     bar.update()
+                if after_prompt is not None:
+                    bar.set_postfix_str(f"draft head budget after {prompt.name}")
+                    after_prompt(prompt.name, rep)
     return runs
+
+
+@contextlib.contextmanager
+def head_budget_probe(model: str, head, args, budgets: dict):
+    """The function that times the draft head's budget (one target layer, the head's LM head)
+    into budgets[(prompt, rep)], on a timing model of its own; None without a head. Run after
+    each prompt, it compares the drafter with a budget timed a minute or so apart (a shared
+    machine's speed drifts by more than the margin over a whole bench)."""
+    if head is None:
+        yield None
+        return
+    from ..oracle import layer_ms_of, timing_model
+
+    with timing_model(model, args.threads, n_gpu_layers=args.n_gpu_layers) as llm:
+        def probe(prompt: str, rep: int) -> None:
+            budgets[(prompt, rep)] = (layer_ms_of(llm, runs=2), head.time_lm_head(20))
+
+        yield probe
 
 
 def bench(args) -> int:
@@ -157,7 +180,6 @@ def bench(args) -> int:
     from ..cpu_backend import check_plain_llama_cpp
     from ..default_model import default_model_path
     from ..model_file import open_weights
-    from ..oracle import layer_ms
     from ..predictor_file import read_predictor_file
     from ..prompt_sets import first_prompts
     from ..replay import ReplayExits
@@ -181,7 +203,12 @@ def bench(args) -> int:
             raise ValueError(f"prompts longer than the context allows with -n {args.n_predict}: "
                              f"{', '.join(too_long)}; raise -c")
         prompt_sets = {p.name: p.set_name for p in prompts}
-        runs = timed_runs(configs, prompts, tokens, args)
+        specee = [c for c in configs if c.kind == "specee"]
+        head_configs = [c for c in specee if c.drafter in HEAD_DRAFTERS]
+        head = head_configs[0].llm.exit_drafter.head if head_configs else None
+        budgets = {}
+        with head_budget_probe(model, head, args, budgets) as probe:
+            runs = timed_runs(configs, prompts, tokens, args, after_prompt=probe)
         # the replay must place layers as the configurations did: no replay under reversed offload
         replay = (None if args.offload_first and args.n_gpu_layers else
                   llama_cpp.Llama(model, logits_all=True, draft_model=ReplayExits([]), **models.llama_kwargs()))
@@ -190,15 +217,11 @@ def bench(args) -> int:
         finally:
             if replay is not None:
                 replay.close()
-        specee = [c for c in configs if c.kind == "specee"]
         k = read_predictor_file(specee[0].options["predictor"]).k if specee else 4
-        head_configs = [c for c in specee if c.drafter in HEAD_DRAFTERS]
         oracle = (measure_oracle(args, model, weights, prompts, k,
                                  {c.drafter: c.options["predictor"] for c in head_configs}) if args.oracle else None)
         entries = summarize(configs, runs, checks, prompt_sets, weights.n_layer, oracle)
-        head = head_configs[0].llm.exit_drafter.head if head_configs else None
-        head_cost = (draft_head_cost(entries, layer_ms(model, args.threads, n_gpu_layers=args.n_gpu_layers),
-                                     head.time_lm_head(), head.n_draft_vocab) if head else None)
+        head_cost = draft_head_cost(runs, [c.name for c in head_configs], budgets, head.n_draft_vocab) if head else None
         report = {
             "format": "specee-pc bench 1",
             "command": ["specee-pc", "bench"] + args.argv,
