@@ -4,7 +4,8 @@ For each prompt, every configuration decodes greedily in turn: vanilla llama-cpp
 speculative decoding (prompt lookup, and a draft model with --draft), and specee with each KV
 policy, drafter, exit rule and threshold asked for; repetitions are interleaved the same way.
 Reports decode tok/s (prompt processing apart), speedup over vanilla (median of per-prompt
-ratios), exits, predictor and drafter cost, candidate hits, and quality: whether each output is
+ratios), exits, predictor and drafter cost (a draft head's against one target layer plus its LM
+head, timed after each prompt), candidate hits, and quality: whether each output is
 vanilla's greedy output, and where it departs. Lossless configurations whose output differs
 from vanilla's are flagged, with a replay of the same batches telling a bug from llama.cpp's
 batch-shape numerics. Writes PREFIX.json and PREFIX.md (and PNGs with --plot).
