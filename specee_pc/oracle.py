@@ -63,12 +63,6 @@ def _step_ms(llm: Llama, threads: int, n_tokens: int, runs: int) -> np.ndarray:
     return times
 
 
-def layer_ms(path: str, threads: int, n_tokens: int = 32, runs: int = 3, **llama_kwargs) -> float:
-    """ms of one target layer in a decode step (layer_ms_of on a timing model of its own)."""
-    with timing_model(path, threads, **llama_kwargs) as llm:
-        return layer_ms_of(llm, n_tokens, runs)
-
-
 def layer_ms_of(llm: Llama, n_tokens: int = 32, runs: int = 3) -> float:
     """ms of one target layer in a decode step of a timing model: the slope of step time between
     exits forced after the first and after the second-to-last layer."""

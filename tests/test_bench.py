@@ -51,11 +51,11 @@ def test_tiny_bench_writes_a_well_formed_report(tmp_path):
     assert mask["exactness"] == "lossy" and 0 <= mask["greedy_agreement"] <= 1
     assert report["configs"][2]["quality"]["greedy_agreement"] is None  # exact: judged by identity
     cost = report["draft_head_cost"]  # the budget timed after each prompt of each repetition
-    assert cost["budget_probes"] == 2 * 2 and cost["draft_vocab"] > 0
-    assert cost["target_layer_ms"] > 0 and cost["draft_lm_head_ms"] > 0 and cost["budget_ms"] > 0
-    assert set(cost["ratio_to_budget"]) == set(cost["drafter_ms_per_token"]) == set(names[2:])
-    assert all(r > 0 for r in cost["ratio_to_budget"].values())
-    assert cost["within_budget"] == (cost["ratio_to_budget_max"] < 1)
+    assert cost["budget_probes"] == 2 * 2 and cost["failed_probes"] == 0 and cost["target_layer_ms"] > 0
+    assert set(cost["configs"]) == set(names[2:]) and len(cost["draft_lm_head_ms"]) == 1
+    assert all(ms > 0 for ms in cost["draft_lm_head_ms"].values()) and all(n > 0 for n in cost["draft_vocab"].values())
+    assert all(c["ratio"] > 0 and c["runs"] == 2 * 2 for c in cost["configs"].values())
+    assert cost["within_budget"] == (cost["ratio_max"] < 1)
     table = (tmp_path / "out.md").read_text()
     assert table.count("\n| specee") == 2 + 2 and "speedup" in table and "Draft head cost" in table
     assert (tmp_path / "out-threshold.png").stat().st_size > 0 and (tmp_path / "out-exit-layers.png").stat().st_size > 0
@@ -106,15 +106,21 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 
 
 def test_draft_head_cost_pairs_each_run_with_the_budget_timed_after_its_prompt():
-    """A run is judged against the budget of its own prompt and repetition, not a pooled one: here the
-    drafter takes 90% of the budget in every run while the budget itself doubles between prompts."""
-    def run(prompt, rep, drafter_ms):
-        return Run("head cfg", prompt, rep, 10, tokens=list(range(11)), prompt_seconds=1.0, decode_seconds=1.0,
-                   exit={"drafter_ms": drafter_ms})
-    budgets = {("a", 0): (0.3, 0.2), ("b", 0): (0.6, 0.4), ("a", 1): (0.3, 0.2)}  # ms: layer, LM head
-    runs = [run("a", 0, 4.5), run("b", 0, 9.0), run("a", 1, 4.5), run("b", 1, 1.0)]  # ("b", 1): no budget
-    cost = draft_head_cost(runs, ["head cfg"], budgets, 4096)
-    assert math.isclose(cost["ratio_to_budget"]["head cfg"], 0.9) and cost["within_budget"]
-    assert math.isclose(cost["drafter_ms_per_token"]["head cfg"], 0.45)
-    assert cost["budget_probes"] == len(cost["budgets"]) == 3 and math.isclose(cost["budget_ms"], 0.5)
-    assert cost["budgets"][1] == {"prompt": "b", "rep": 0, "target_layer_ms": 0.6, "draft_lm_head_ms": 0.4}
+    """A run is judged against the budget of its own prompt and repetition, weighted by its tokens:
+    the drafter's 10 ms over 10 tokens against ("a", 0)'s 0.5 ms and 3 ms over 2 tokens against
+    ("b", 0)'s 1.0 ms make 13 / 7 = 1.857x; pooling the budgets, or counting the run without a
+    budget or the one whose probe failed, would each give another answer."""
+    def run(prompt, rep, n_tokens, drafter_ms):
+        return Run("head cfg", prompt, rep, n_tokens, tokens=list(range(n_tokens + 1)), prompt_seconds=1.0,
+                   decode_seconds=1.0, exit={"drafter_ms": drafter_ms})
+    budgets = {("a", 0): (0.3, {"p.gguf": 0.2}), ("b", 0): (0.6, {"p.gguf": 0.4}),
+               ("a", 1): (0.3, {"p.gguf": -1.0})}  # ms: layer, each head's LM head; ("a", 1) failed
+    runs = [run("a", 0, 10, 10.0), run("b", 0, 2, 3.0), run("a", 1, 10, 1.0), run("b", 1, 10, 1.0)]
+    cost = draft_head_cost(runs, {"head cfg": "p.gguf"}, budgets, {"p.gguf": 4096})
+    head = cost["configs"]["head cfg"]
+    assert math.isclose(head["ratio"], 13 / 7) and math.isclose(cost["ratio_max"], 13 / 7) and not cost["within_budget"]
+    assert head["runs"] == 2 and head["runs_over"] == 2 and math.isclose(head["median_run_ratio"], 1.75)
+    assert math.isclose(head["drafter_ms_per_token"], 13 / 12)
+    assert cost["budget_probes"] == len(cost["budgets"]) == 3 and cost["failed_probes"] == 1
+    assert math.isclose(cost["target_layer_ms"], 0.45) and math.isclose(cost["draft_lm_head_ms"]["p.gguf"], 0.3)
+    assert cost["budgets"][1] == {"prompt": "b", "rep": 0, "target_layer_ms": 0.6, "draft_lm_head_ms": {"p.gguf": 0.4}}

@@ -153,19 +153,23 @@ def timed_runs(configs, prompts, tokens, args, after_prompt=None) -> list:
 
 
 @contextlib.contextmanager
-def head_budget_probe(model: str, head, args, budgets: dict):
-    """The function that times the draft head's budget (one target layer, the head's LM head)
-    into budgets[(prompt, rep)], on a timing model of its own; None without a head. Run after
-    each prompt, it compares the drafter with a budget timed a minute or so apart (a shared
-    machine's speed drifts by more than the margin over a whole bench)."""
-    if head is None:
+def head_budget_probe(model: str, heads: dict, args, budgets: dict):
+    """The function that times the draft heads' budget into budgets[(prompt, rep)]: one target
+    layer (on a timing model of its own) and each head's LM head (heads: predictor file -> head);
+    None without heads. Run after each prompt's configurations, it compares the drafter with a
+    budget timed minutes apart at most, where one budget for a whole bench was not comparable
+    (a shared machine's speed drifts by more than the margin over it)."""
+    if not heads:
         yield None
         return
     from ..oracle import layer_ms_of, timing_model
 
     with timing_model(model, args.threads, n_gpu_layers=args.n_gpu_layers) as llm:
+        layer_ms_of(llm, runs=1)  # untimed: the first decodes of a fresh model are slower
+
         def probe(prompt: str, rep: int) -> None:
-            budgets[(prompt, rep)] = (layer_ms_of(llm, runs=2), head.time_lm_head(20))
+            budgets[(prompt, rep)] = (layer_ms_of(llm, runs=3),
+                                      {path: head.time_lm_head(20) for path, head in heads.items()})
 
         yield probe
 
@@ -206,9 +210,9 @@ def bench(args) -> int:
         prompt_sets = {p.name: p.set_name for p in prompts}
         specee = [c for c in configs if c.kind == "specee"]
         head_configs = [c for c in specee if c.drafter in HEAD_DRAFTERS]
-        head = head_configs[0].llm.exit_drafter.head if head_configs else None
+        heads = {c.options["predictor"]: c.llm.exit_drafter.head for c in head_configs}
         budgets = {}
-        with head_budget_probe(model, head, args, budgets) as probe:
+        with head_budget_probe(model, heads, args, budgets) as probe:
             runs = timed_runs(configs, prompts, tokens, args, after_prompt=probe)
         # the replay must place layers as the configurations did: no replay under reversed offload
         replay = (None if args.offload_first and args.n_gpu_layers else
@@ -222,7 +226,8 @@ def bench(args) -> int:
         oracle = (measure_oracle(args, model, weights, prompts, k,
                                  {c.drafter: c.options["predictor"] for c in head_configs}) if args.oracle else None)
         entries = summarize(configs, runs, checks, prompt_sets, weights.n_layer, oracle)
-        head_cost = draft_head_cost(runs, [c.name for c in head_configs], budgets, head.n_draft_vocab) if head else None
+        head_cost = (draft_head_cost(runs, {c.name: c.options["predictor"] for c in head_configs}, budgets,
+                                     {path: head.n_draft_vocab for path, head in heads.items()}) if heads else None)
         report = {
             "format": "specee-pc bench 1",
             "command": ["specee-pc", "bench"] + args.argv,
