@@ -12,7 +12,7 @@ import specee_pc
 from specee_pc.benchmark.configs import BenchConfig, BenchModels, build_configs, close_configs
 from specee_pc.benchmark.quality import check_outputs
 from specee_pc.benchmark.report import draft_head_cost, flags, summarize
-from specee_pc.benchmark.runs import Run, first_divergence, timed_run
+from specee_pc.benchmark.runs import Run, exited_tokens, first_divergence, greedy_matches, greedy_tokens, timed_run
 from specee_pc.calibration import chat_tokens
 from specee_pc.prompt_sets import first_prompts
 from specee_pc.replay import ReplayExits
@@ -26,7 +26,8 @@ def run_cli(args, cwd):
 
 def test_tiny_bench_writes_a_well_formed_report(tmp_path):
     result = run_cli(["bench", "--sets", "mt_bench,humaneval", "--per-set", "1", "-n", "12", "--runs", "2",
-                      "--warmup", "0", "-t", str(N_THREADS), "-o", "out", "--plot"], tmp_path)
+                      "--warmup", "0", "-t", str(N_THREADS), "-o", "out", "--plot",
+                      "--offline-layers", "22,24,26", "--online-offsets", "none"], tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out.json").read_text())
     names = [c["name"] for c in report["configs"]]
@@ -34,6 +35,7 @@ def test_tiny_bench_writes_a_well_formed_report(tmp_path):
     assert names == ["vanilla", "lookup speculative", "specee exact head+lookup verify 0.50",
                      "specee mask head+lookup verify 0.50"]
     assert report["settings"]["prompts"] == 2 and report["settings"]["threads"] == N_THREADS
+    assert report["settings"]["offline_layers"] == [22, 24, 26] and report["settings"]["online_offsets"] == []
     assert report["machine"]["llama_cpp_python"] == "0.3.36" and report["machine"]["specee_pc"] == specee_pc.__version__
     assert len(report["runs"]) == 2 * 2 * len(names)
     for config in report["configs"]:
@@ -43,12 +45,15 @@ def test_tiny_bench_writes_a_well_formed_report(tmp_path):
     for config in report["configs"][2:]:
         e = config["exits"]
         assert e["steps"] > 0 and 0 <= e["exit_ratio"] <= 1 and sum(e["exit_layer_histogram"]) == e["exits"]
+        assert {il for il, n in enumerate(e["exit_layer_histogram"]) if n} <= {22, 24, 26}  # the schedule given
         assert config["quality"]["exactness"] in ("identical", "batch-shape numerics only", "lossy")
     # outputs are recorded, and a lossless configuration's differences are explained in the flags
     for flag in report["flags"]:
         assert flag["replay_identical"] is not False, flag
     mask = report["configs"][3]["quality"]  # lossy: judged step by step against the full model
     assert mask["exactness"] == "lossy" and 0 <= mask["greedy_agreement"] <= 1
+    assert math.isclose(mask["greedy_agreement"] + mask["wrong_exits_per_token"]
+                        + mask["full_depth_disagreements_per_token"], 1) and mask["full_depth_disagreements_per_token"] >= 0
     assert report["configs"][2]["quality"]["greedy_agreement"] is None  # exact: judged by identity
     cost = report["draft_head_cost"]  # the budget timed after each prompt of each repetition
     assert cost["budget_probes"] == 2 * 2 and cost["failed_probes"] == 0 and cost["target_layer_ms"] > 0
@@ -58,6 +63,8 @@ def test_tiny_bench_writes_a_well_formed_report(tmp_path):
     assert cost["within_budget"] == (cost["ratio_max"] < 1)
     table = (tmp_path / "out.md").read_text()
     assert table.count("\n| specee") == 2 + 2 and "speedup" in table and "Draft head cost" in table
+    assert "- specee mask head+lookup verify 0.50: " in table and "wrong exits" in table
+    assert "Exit schedule: offline layers [22, 24, 26], online offsets none." in table
     assert (tmp_path / "out-threshold.png").stat().st_size > 0 and (tmp_path / "out-exit-layers.png").stat().st_size > 0
     assert "wrote" in result.stderr and not list(tmp_path.glob("*.part"))
 
@@ -97,8 +104,26 @@ def test_first_divergence():
     assert first_divergence([1, 2], [1, 2, 3]) == 2
 
 
+def test_exit_tokens_are_told_from_full_depth_tokens(model_path):
+    """Forced exits under mask exit every step but the prompt's: the first output token alone is
+    a full-depth one, and it is the full model's greedy token."""
+    llm = specee_pc.Llama(model_path, n_ctx=512, n_threads=N_THREADS, verbose=False, kv_policy="mask",
+                          force_exit_layers=[20])
+    prompt = llm.tokenize(b"The capital of France is")
+    output, _ = greedy_tokens(llm, prompt, 12)
+    exited = exited_tokens(llm.exit_stats.exits_at, len(prompt), len(output))
+    llm.close()
+    assert len(output) == 12 and not exited[0] and exited[1:].all()
+    every_row = llama_cpp.Llama(model_path, n_ctx=512, n_threads=N_THREADS, verbose=False, logits_all=True)
+    matches = greedy_matches(every_row, prompt, output)
+    every_row.close()
+    assert matches[0] and not matches.all()  # layer 20's tokens are not all the full model's
+    assert exited_tokens([(5, 20, 1), (7, 22, 2), (40, 20, 3)], 5, 4).tolist() == [False, True, False, True]
+
+
 def test_bad_arguments_are_one_line_errors(tmp_path):
-    for args in (["--per-set", "30"], ["--sets", "nope"], ["--policies", "fast"], ["missing.gguf"]):
+    for args in (["--per-set", "30"], ["--sets", "nope"], ["--policies", "fast"], ["missing.gguf"],
+                 ["--offline-layers", "20,29", "--baselines", "none"]):
         result = run_cli(["bench", "--warmup", "0", *args], tmp_path)
         assert result.returncode == 1, (args, result.stderr)
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("specee-pc bench: error:"), result.stderr

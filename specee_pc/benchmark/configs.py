@@ -97,7 +97,8 @@ def build_configs(models: BenchModels, **choices) -> List[BenchConfig]:
 def _add_configs(configs: List[BenchConfig], models: BenchModels, *, baselines: Sequence[str] = BASELINES,
                  policies: Sequence[str] = POLICIES, rules: Sequence[str] = ("verify",),
                  thresholds: Sequence[Optional[float]] = (None,), lookup_tokens: int = 4,
-                 draft_tokens: int = 4) -> None:
+                 draft_tokens: int = 4, offline_layers: Optional[Sequence[int]] = None,
+                 online_offsets: Optional[Sequence[int]] = None) -> None:
     common = models.llama_kwargs()
     # speculative decoding keeps every logit; llama_cpp sizes that buffer by logits_all, not by
     # draft_model, so prompts longer than n_batch overflow it unless logits_all is given too
@@ -119,6 +120,10 @@ def _add_configs(configs: List[BenchConfig], models: BenchModels, *, baselines: 
     if not policies or not models.predictors:
         return
     weights = open_weights(models.model)
+    outside = [il for il in offline_layers or () if not 0 <= il <= weights.n_layer - 2]
+    if outside:
+        raise SpeceeError(f"offline layers {outside} outside 0..{weights.n_layer - 2} (the model has "
+                          f"{weights.n_layer} layers; an exit after the last saves nothing)")
     pairs = []  # (predictor path, drafter, its threshold), one file per drafter
     for path in dict.fromkeys(resolve_predictor(p, models.model, weights) for p in models.predictors):
         predictor = read_predictor_file(path)
@@ -133,11 +138,13 @@ def _add_configs(configs: List[BenchConfig], models: BenchModels, *, baselines: 
                 for threshold in dict.fromkeys(file_threshold if t is None else t for t in thresholds):
                     llm = Llama(models.model, **common, offload_first_layers=models.offload_first,
                                 predictor=predictor_path, exit_rule=rule, exit_threshold=threshold,
-                                kv_policy=policy, drafter=models.draft if drafter == "draft" else drafter)
+                                kv_policy=policy, drafter=models.draft if drafter == "draft" else drafter,
+                                offline_layers=offline_layers, online_offsets=online_offsets)
                     configs.append(BenchConfig(
                         specee_name(policy, drafter, rule, threshold), "specee", policy == "exact", llm,
                         {"kv_policy": policy, "drafter": drafter, "exit_rule": rule, "threshold": threshold,
-                         "predictor": predictor_path}, drafter,
+                         "predictor": predictor_path, "offline_layers": offline_layers,
+                         "online_offsets": online_offsets}, drafter,
                         llm.exit_drafter.model if drafter == "draft" else None))
 
 

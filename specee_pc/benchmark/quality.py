@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence
 import llama_cpp
 import numpy as np
 
-from .runs import Run, first_divergence, greedy_agreement, next_logits, replay_matches
+from .runs import Run, exited_tokens, first_divergence, greedy_matches, next_logits, replay_matches
 
 
 @dataclass
@@ -22,6 +22,8 @@ class OutputCheck:
     tokens: int = 0                   # length of our output
     greedy_agreeing: Optional[int] = None  # lossy: our tokens that are the full model's greedy token
                                            # after our own prefix
+    wrong_exits: Optional[int] = None      # lossy: of the others, those an exit emitted (the rest were
+                                           # decoded at full depth, off through earlier exits' KV holes)
 
     @property
     def verdict(self) -> str:
@@ -67,7 +69,9 @@ def check_outputs(configs, runs: Sequence[Run], prompt_tokens: Dict[str, List[in
         at = first_divergence(run.tokens, reference[prompt])
         check = OutputCheck(config.name, prompt, at is None, at, len(reference[prompt]), tokens=len(run.tokens))
         if not config.lossless and replay is not None:
-            check.greedy_agreeing = greedy_agreement(replay, tokens, run.tokens)
+            matches = greedy_matches(replay, tokens, run.tokens)
+            check.greedy_agreeing = int(matches.sum())
+            check.wrong_exits = int((exited_tokens(run.exits_at, len(tokens), len(run.tokens)) & ~matches).sum())
         if at is not None:
             check.logit_gap = logit_gap(prompt, run.tokens, at)
             if config.kind == "specee" and config.lossless and replay is not None:

@@ -70,6 +70,7 @@ def exits(runs: Sequence[Run], n_layer: int, repaired: bool) -> dict:
 def quality(checks: Sequence[OutputCheck], lossless: bool) -> dict:
     differing = [c for c in checks if not c.identical]
     judged = [c for c in checks if c.greedy_agreeing is not None]
+    judged_tokens = sum(c.tokens for c in judged)
     if lossless and not differing:
         exactness = "identical"
     elif lossless and any(c.replay_identical is False for c in differing):
@@ -88,10 +89,16 @@ def quality(checks: Sequence[OutputCheck], lossless: bool) -> dict:
             (c.first_divergence if c.first_divergence is not None else c.reference_tokens) / max(c.reference_tokens, 1)
             for c in checks) if checks else None,
         # lossy: share of emitted tokens that are the full model's greedy token after their own prefix
-        "greedy_agreement": ratio(sum(c.greedy_agreeing for c in judged), sum(c.tokens for c in judged)) if judged else None,
+        "greedy_agreement": ratio(sum(c.greedy_agreeing for c in judged), judged_tokens) if judged else None,
+        # ... and the others, per emitted token: exit tokens that are not the full model's, and tokens
+        # decoded at full depth that are not (attention without earlier exits' deeper K/V)
+        "wrong_exits_per_token": ratio(sum(c.wrong_exits for c in judged), judged_tokens) if judged else None,
+        "full_depth_disagreements_per_token": ratio(sum(c.tokens - c.greedy_agreeing - c.wrong_exits for c in judged),
+                                                    judged_tokens) if judged else None,
         "exactness": exactness,
         "per_prompt": [{"prompt": c.prompt, "first_divergence": c.first_divergence, "logit_gap": c.logit_gap,
-                        "replay_identical": c.replay_identical, "greedy_agreeing": c.greedy_agreeing, "tokens": c.tokens}
+                        "replay_identical": c.replay_identical, "greedy_agreeing": c.greedy_agreeing,
+                        "wrong_exits": c.wrong_exits, "tokens": c.tokens}
                        for c in checks],
     }
 
@@ -131,6 +138,7 @@ def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [f"### {s['model_name']}: {s['prompts']} prompts ({', '.join(s['sets'])}), {s['n_new']} tokens, "
              f"{s['runs']} runs, {s['threads']} threads, {report['machine']['cpu']}", "",
+             *schedule_note(s),
              "| configuration | decode tok/s | speedup | oracle bound | prompt tok/s | layers/step | exit ratio "
              "| mean exit layer | predictor ms/tok (share) | drafter ms/tok | candidate hits | identical to vanilla "
              "| first divergence | greedy agreement | exactness |",
@@ -147,6 +155,12 @@ def markdown(report: dict) -> str:
             fmt(e and e["drafter_ms_per_token"]), fmt(e and e["candidate_hit_rate"], ".0%"),
             fmt(q and q["identical_share"], ".0%"), fmt(q and q["first_divergence_median"], ".0f"),
             fmt(q and q["greedy_agreement"], ".1%"), q["exactness"] if q else "reference"]) + " |")
+    lossy = [c for c in report["configs"] if c.get("quality") and c["quality"]["greedy_agreement"] is not None]
+    if lossy:
+        lines += ["", "Disagreements with the full model's greedy token, per emitted token: exit tokens, and tokens "
+                      "decoded at full depth (attending without earlier exits' deeper K/V):", ""]
+        lines += [f"- {c['name']}: {fmt(c['quality']['wrong_exits_per_token'], '.1%')} wrong exits, "
+                  f"{fmt(c['quality']['full_depth_disagreements_per_token'], '.1%')} at full depth" for c in lossy]
     sets = list(report["configs"][0]["speedup_by_set"])
     lines += ["", "Speedup by prompt set (median of per-prompt ratios):", "",
               "| configuration | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
@@ -169,6 +183,15 @@ def markdown(report: dict) -> str:
                       "greedy** (per prompt in the JSON's `flags`):", ""]
         lines += flag_summary(report["flags"], report["settings"]["prompts"])
     return "\n".join(lines) + "\n"
+
+
+def schedule_note(settings: dict) -> List[str]:
+    """The exit schedule the specee configurations ran with, where it was not their files'."""
+    offline, online = settings.get("offline_layers"), settings.get("online_offsets")
+    if offline is None and online is None:
+        return []
+    return [f"Exit schedule: offline layers {'the files' if offline is None else offline}, online offsets "
+            f"{'the files' if online is None else online or 'none'}.", ""]
 
 
 def flag_summary(found: Sequence[dict], n_prompts: int) -> List[str]:

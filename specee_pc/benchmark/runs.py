@@ -77,17 +77,26 @@ def next_logits(vanilla: llama_cpp.Llama, tokens: Sequence[int]) -> np.ndarray:
     return np.ctypeslib.as_array(vanilla._ctx.get_logits_ith(-1), shape=(vanilla.n_vocab(),)).copy()
 
 
-def greedy_agreement(every_row: llama_cpp.Llama, prompt_tokens: Sequence[int], output: Sequence[int]) -> Optional[int]:
-    """How many output tokens are the full model's greedy token after the output's own prefix
+def greedy_matches(every_row: llama_cpp.Llama, prompt_tokens: Sequence[int], output: Sequence[int]) -> np.ndarray:
+    """Per output token, whether it is the full model's greedy token after the output's own prefix
     (every_row keeps all logits). A lossy configuration whose output departed is judged step by
     step on its own path, not against a text it no longer follows."""
     if not output:
-        return None
+        return np.zeros(0, bool)
     every_row.reset()
     every_row.eval(list(prompt_tokens) + list(output[:-1]))
     n = len(prompt_tokens)
-    greedy = np.argmax(every_row.scores[n - 1:n - 1 + len(output)], axis=1)
-    return int(np.sum(greedy == np.asarray(output)))
+    return np.argmax(every_row.scores[n - 1:n - 1 + len(output)], axis=1) == np.asarray(output)
+
+
+def exited_tokens(exits_at: Sequence[tuple], n_prompt: int, n_output: int) -> np.ndarray:
+    """Per output token, whether an exit emitted it: the step that decoded position p emits output
+    token p - n_prompt + 1 (the first comes from the prompt's full-depth pass)."""
+    exited = np.zeros(n_output, bool)
+    for position, _, _ in exits_at:
+        if 0 <= position - n_prompt + 1 < n_output:
+            exited[position - n_prompt + 1] = True
+    return exited
 
 
 def replay_matches(replay: llama_cpp.Llama, run: Run, prompt_tokens: Sequence[int]) -> bool:

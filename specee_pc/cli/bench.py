@@ -30,6 +30,16 @@ def threshold_list(text: str) -> List[Optional[float]]:
         raise argparse.ArgumentTypeError(f"expected comma-separated thresholds, got {text!r}") from None
 
 
+def int_list(text: str) -> Optional[List[int]]:
+    """Comma-separated integers; 'none' is the empty list, 'file' None (the predictor file's)."""
+    if text == "file":
+        return None
+    try:
+        return [] if text == "none" else [int(x) for x in name_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, 'none' or 'file', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..benchmark.configs import BASELINES, POLICIES, RULES
 
@@ -58,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"exit rules, of {', '.join(RULES)} (default: verify)")
     p.add_argument("--thresholds", type=threshold_list, default=[None], metavar="T1,T2",
                    help="exit thresholds; 'file' is the predictor file's (default: file)")
+    p.add_argument("--offline-layers", type=int_list, default=None, metavar="L1,L2",
+                   help="specee: the layers every step checks for an exit, instead of the predictor file's "
+                        "(default: file)")
+    p.add_argument("--online-offsets", type=int_list, default=None, metavar="O1,O2",
+                   help="specee: also check these offsets around the last exits' layers, instead of the file's; "
+                        "'none' for no online layers (default: file)")
     p.add_argument("--lookup-tokens", type=int, default=4, help="tokens drafted by prompt lookup (default: 4)")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted by the draft model (default: 4)")
     p.add_argument("--oracle", action="store_true",
@@ -198,7 +214,8 @@ def bench(args) -> int:
                          n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, offload_first=args.offload_first)
     configs = build_configs(models, baselines=args.baselines, policies=args.policies, rules=args.rules,
                             thresholds=args.thresholds, lookup_tokens=args.lookup_tokens,
-                            draft_tokens=args.draft_tokens)
+                            draft_tokens=args.draft_tokens, offline_layers=args.offline_layers,
+                            online_offsets=args.online_offsets)
     try:
         vanilla = configs[0].llm
         tokens = {p.name: chat_tokens(vanilla, p.text) for p in prompts}
@@ -237,7 +254,8 @@ def bench(args) -> int:
                          "n_layer": weights.n_layer, "draft": args.draft, "sets": args.sets, "per_set": args.per_set,
                          "prompts": len(prompts), "n_new": args.n_predict, "runs": args.runs, "warmup": args.warmup,
                          "threads": args.threads, "n_ctx": args.ctx_size, "n_gpu_layers": args.n_gpu_layers,
-                         "offload_first": args.offload_first},
+                         "offload_first": args.offload_first, "offline_layers": args.offline_layers,
+                         "online_offsets": args.online_offsets},
             "configs": entries,
             "draft_head_cost": head_cost,
             "flags": flags(checks, configs),
