@@ -84,6 +84,10 @@ class ExitEngine:
         self.controller.set_rule(EXIT_RULES[rule], threshold)
         self.set_forced(force_exit_layers)
         offline = offline_layers if offline_layers is not None else (predictors.offline_layers if predictors else [])
+        bad = [il for il in offline if not 0 <= il <= n_layer - 2]
+        if bad:  # online layers that fall outside are dropped, but offline ones were asked for
+            raise ValueError(f"offline layers must be in [0, {n_layer - 2}] (an exit after the last layer "
+                             f"saves nothing), got {bad}")
         offsets = online_offsets if online_offsets is not None else (predictors.online_offsets if predictors else [])
         self.schedule = ExitSchedule(n_layer, offline, offsets)
         # a threshold a sigmoid never passes turns exits off: then do not score at all

@@ -120,10 +120,6 @@ def _add_configs(configs: List[BenchConfig], models: BenchModels, *, baselines: 
     if not policies or not models.predictors:
         return
     weights = open_weights(models.model)
-    outside = [il for il in offline_layers or () if not 0 <= il <= weights.n_layer - 2]
-    if outside:
-        raise SpeceeError(f"offline layers {outside} outside 0..{weights.n_layer - 2} (the model has "
-                          f"{weights.n_layer} layers; an exit after the last saves nothing)")
     pairs = []  # (predictor path, drafter, its threshold), one file per drafter
     for path in dict.fromkeys(resolve_predictor(p, models.model, weights) for p in models.predictors):
         predictor = read_predictor_file(path)

@@ -227,7 +227,7 @@ def draft_head_cost(runs: Sequence[Run], head_configs: Dict[str, str], budgets: 
         mine = [r for r in runs if r.config == name and len(r.tokens) > 1 and (r.prompt, r.rep) in valid]
         tokens = [len(r.tokens) - 1 for r in mine]
         drafter = [r.exit["drafter_ms"] for r in mine]
-        budget = [valid[(r.prompt, r.rep)][0] + valid[(r.prompt, r.rep)][1][path] for r in mine]
+        budget = [layer + lm[path] for layer, lm in (valid[(r.prompt, r.rep)] for r in mine)]
         per_run = [d / (b * t) for d, b, t in zip(drafter, budget, tokens)]
         per_config[name] = {"ratio": ratio(sum(drafter), sum(b * t for b, t in zip(budget, tokens))),
                             "median_run_ratio": median(per_run), "runs_over": sum(x >= 1 for x in per_run),
