@@ -2,13 +2,16 @@
 per-layer semantics for exited tokens: a token that exited after layer e has K/V in layers
 0..e only, and deeper layers of later tokens do not attend to it.
 
-Slow and simple on purpose: one token at a time, float32, weights dequantized by the gguf
-package. It is the reference for the engine's "mask" KV policy.
+Simple on purpose: float32, weights dequantized by the gguf package, teacher-forced (all
+positions of a layer at once, the tokens given). It is the reference for the engine's "mask"
+KV policy, and tools/kv_hole_fill.py uses it to price other ways of treating the holes.
 """
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 from gguf import GGUFReader, quants
+
+HOLES = ("mask", "zeros", "fill")
 
 
 class LlamaReference:
@@ -27,13 +30,13 @@ class LlamaReference:
         self.head_dim = self.w["blk.0.attn_q.weight"].shape[0] // self.n_head
 
     def rms_norm(self, x, weight):
-        return x / np.sqrt(np.mean(x.astype(np.float64) ** 2) + self.eps).astype(np.float32) * weight
+        return (x / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True) + self.eps)).astype(np.float32) * weight
 
     def rope(self, x, pos):
-        """llama.cpp's "normal" RoPE: rotates adjacent pairs of each head."""
+        """llama.cpp's "normal" RoPE: rotates adjacent pairs of each head. x: [T, heads, hd]."""
         d = self.head_dim
-        theta = pos * self.rope_base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
-        cos, sin = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+        theta = pos[:, None] * self.rope_base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+        cos, sin = np.cos(theta).astype(np.float32)[:, None], np.sin(theta).astype(np.float32)[:, None]
         x0, x1 = x[..., 0::2], x[..., 1::2]
         out = np.empty_like(x)
         out[..., 0::2] = x0 * cos - x1 * sin
@@ -41,36 +44,37 @@ class LlamaReference:
         return out
 
     def forward(self, tokens: Sequence[int], exit_layers: Optional[Dict[int, int]] = None,
-                mask_holes: bool = True) -> np.ndarray:
-        """Logits after each token. exit_layers[p] = e: token p stops after layer e (its logits are
-        the final norm and LM head of layer e's output). mask_holes=False instead lets deeper
-        layers read the K/V that an exited position never wrote, as zeros (for comparison)."""
+                holes: str = "mask", first: int = 0) -> np.ndarray:
+        """Logits after each token from position `first` on. exit_layers[p] = e: token p stops
+        after layer e (its logits are the final norm and LM head of layer e's output). The K/V
+        an exited position never wrote in deeper layers: "mask" hides them (the engine's
+        semantics), "zeros" reads them as zeros, "fill" computes them from the position's state
+        after its exit layer (CALM's state propagation)."""
+        assert holes in HOLES, holes
         exit_layers = exit_layers or {}
-        hd, group = self.head_dim, self.n_head // self.n_head_kv
-        keys = [dict() for _ in range(self.n_layer)]    # layer -> {pos: [n_head_kv, hd]}
-        values = [dict() for _ in range(self.n_layer)]
-        logits = []
-        for pos, token in enumerate(tokens):
-            h = self.w["token_embd.weight"][token].copy()
-            last = exit_layers.get(pos, self.n_layer - 1)
-            for il in range(last + 1):
-                blk = f"blk.{il}."
-                x = self.rms_norm(h, self.w[blk + "attn_norm.weight"])
-                q = self.rope((self.w[blk + "attn_q.weight"] @ x).reshape(self.n_head, hd), pos)
-                keys[il][pos] = self.rope((self.w[blk + "attn_k.weight"] @ x).reshape(self.n_head_kv, hd), pos)
-                values[il][pos] = (self.w[blk + "attn_v.weight"] @ x).reshape(self.n_head_kv, hd)
-                visible = [p for p in range(pos + 1) if p in keys[il] or not mask_holes]
-                zero = np.zeros((self.n_head_kv, hd), np.float32)
-                k = np.stack([keys[il].get(p, zero) for p in visible])    # [n_vis, n_head_kv, hd]
-                v = np.stack([values[il].get(p, zero) for p in visible])
-                attn = np.empty((self.n_head, hd), np.float32)
-                for head in range(self.n_head):
-                    scores = k[:, head // group] @ q[head] / np.sqrt(hd)
-                    p_attn = np.exp(scores - scores.max())
-                    attn[head] = (p_attn / p_attn.sum()) @ v[:, head // group]
-                h = h + self.w[blk + "attn_output.weight"] @ attn.reshape(-1)
-                x = self.rms_norm(h, self.w[blk + "ffn_norm.weight"])
-                gate = self.w[blk + "ffn_gate.weight"] @ x
-                h = h + self.w[blk + "ffn_down.weight"] @ (gate / (1 + np.exp(-gate)) * (self.w[blk + "ffn_up.weight"] @ x))
-            logits.append(self.lm_head @ self.rms_norm(h, self.w["output_norm.weight"]))
-        return np.stack(logits)
+        T, hd = len(tokens), self.head_dim
+        pos = np.arange(T)
+        last = np.array([exit_layers.get(p, self.n_layer - 1) for p in range(T)])
+        kv_head = np.arange(self.n_head) // (self.n_head // self.n_head_kv)
+        causal = pos[None, :] <= pos[:, None]
+        h = self.w["token_embd.weight"][list(tokens)].copy()
+        for il in range(self.n_layer):
+            blk = f"blk.{il}."
+            computed = last >= il  # exited positions keep their state and write no K/V here
+            x = self.rms_norm(h, self.w[blk + "attn_norm.weight"])
+            q = self.rope((x @ self.w[blk + "attn_q.weight"].T).reshape(T, self.n_head, hd), pos)
+            k = self.rope((x @ self.w[blk + "attn_k.weight"].T).reshape(T, self.n_head_kv, hd), pos)
+            v = (x @ self.w[blk + "attn_v.weight"].T).reshape(T, self.n_head_kv, hd)
+            if holes == "zeros":
+                k[~computed], v[~computed] = 0.0, 0.0
+            visible = causal & computed[None, :] if holes == "mask" else causal
+            q, k, v = (a.transpose(1, 0, 2) for a in (q, k[:, kv_head], v[:, kv_head]))  # [head, T, hd]
+            scores = np.where(visible, q @ k.transpose(0, 2, 1) / np.sqrt(hd), -np.inf)
+            p_attn = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            attn = ((p_attn / p_attn.sum(axis=-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(T, -1)
+            out = h + attn @ self.w[blk + "attn_output.weight"].T
+            x = self.rms_norm(out, self.w[blk + "ffn_norm.weight"])
+            gate = x @ self.w[blk + "ffn_gate.weight"].T
+            out = out + (gate / (1 + np.exp(-gate)) * (x @ self.w[blk + "ffn_up.weight"].T)) @ self.w[blk + "ffn_down.weight"].T
+            h = np.where(computed[:, None], out, h)
+        return self.rms_norm(h[first:], self.w["output_norm.weight"]) @ self.lm_head.T

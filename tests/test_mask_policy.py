@@ -40,8 +40,8 @@ def test_mask_policy_matches_numpy_reference(model_path, numpy_model):
 
     tokens = prompt + generated[:-1]
     ours = llm.scores[n_prompt - 1:len(tokens)]
-    masked = numpy_model.forward(tokens, exits)[n_prompt - 1:]
-    unmasked = numpy_model.forward(tokens, exits, mask_holes=False)[n_prompt - 1:]
+    masked = numpy_model.forward(tokens, exits, first=n_prompt - 1)
+    unmasked = numpy_model.forward(tokens, exits, holes="zeros", first=n_prompt - 1)
 
     error = np.abs(ours - masked).max(axis=1)
     # llama.cpp quantizes activations in its matmuls: ~0.4-1.5 logits off a float32 forward on

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Would filling the mask policy's KV holes beat masking them?
+
+Under kv_policy "mask" a token that exited after layer e never writes K/V in the deeper layers,
+and later tokens' deeper layers do not attend to it. CALM instead fills those cells from the
+exited token's state after layer e (its K/V in each skipped layer are computed from that
+state). Before building that natively, this prices it: for each configuration it decodes the
+held-out prompts under "mask", then teacher-forces the same tokens through a float32 numpy
+forward (tests/reference_forward.py) three ways - no exits (the full model), holes masked,
+holes filled - and counts the steps whose greedy token differs from the full model's.
+
+Full-depth steps are where the holes alone make the difference (the same computation on the
+same prefix, only what deeper layers see of earlier exits changes). Exit steps are scored too
+(their own skipped layers are not in question, only earlier holes below their exit layer).
+
+    python tools/kv_hole_fill.py --config head+lookup 0.9 P.gguf --config ngram 0.7 Q.gguf -o R.md
+"""
+import argparse
+import os
+import sys
+
+import specee_pc
+from specee_pc.benchmark.runs import greedy_tokens
+from specee_pc.calibration import chat_tokens
+from specee_pc.prompt_sets import SETS, first_prompts
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from reference_forward import LlamaReference  # noqa: E402
+
+
+def count_disagreements(reference, tokens, generated, exits, first):
+    """Per hole treatment: steps whose argmax differs from the full model's, split by whether
+    the step exited."""
+    sequence = tokens + generated[:-1]
+    full = reference.forward(sequence, first=first).argmax(axis=1)
+    exited = [first + i in exits for i in range(len(generated))]
+    counts = {}
+    for holes in ("mask", "fill"):
+        differs = reference.forward(sequence, exits, holes=holes, first=first).argmax(axis=1) != full
+        counts[holes] = (sum(d and e for d, e in zip(differs, exited)), sum(d and not e for d, e in zip(differs, exited)))
+    return counts, sum(exited)
+
+
+def measure(args, reference, drafter, threshold, predictor, prompts):
+    llm = specee_pc.Llama(args.model, n_ctx=2048, n_threads=args.threads, verbose=False, predictor=predictor,
+                          kv_policy="mask", exit_threshold=threshold, drafter=drafter)
+    total = dict(steps=0, exits=0, mask_exit=0, mask_full_depth=0, fill_exit=0, fill_full_depth=0)
+    try:
+        for i, prompt in enumerate(prompts):
+            tokens = chat_tokens(llm, prompt.text)
+            generated, _ = greedy_tokens(llm, tokens, args.n)
+            exits = {position: layer for position, layer, _ in llm.exit_stats.exits_at}
+            counts, n_exits = count_disagreements(reference, tokens, generated, exits, len(tokens) - 1)
+            total["steps"] += len(generated)
+            total["exits"] += n_exits
+            for holes, (at_exit, at_full_depth) in counts.items():
+                total[f"{holes}_exit"] += at_exit
+                total[f"{holes}_full_depth"] += at_full_depth
+            print(f"\r{drafter} {threshold}: {i + 1}/{len(prompts)} prompts", end="", file=sys.stderr, flush=True)
+    finally:
+        llm.close()
+        print(file=sys.stderr)
+    return total
+
+
+def row(drafter, threshold, t):
+    full_depth_steps = t["steps"] - t["exits"]
+    pct = lambda n, d: f"{100 * n / d:.2f}%" if d else "-"  # noqa: E731
+    return (f"| {drafter} {threshold:.2f} | {t['steps']} | {t['exits'] / t['steps']:.3f} | "
+            f"{pct(t['mask_full_depth'], full_depth_steps)} | {pct(t['fill_full_depth'], full_depth_steps)} | "
+            f"{pct(t['mask_full_depth'] + t['mask_exit'], t['steps'])} | {pct(t['fill_full_depth'] + t['fill_exit'], t['steps'])} |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?", default=None, help="GGUF model, llama architecture (default: embedded SmolLM2-135M)")
+    ap.add_argument("--config", nargs=3, action="append", required=True, metavar=("DRAFTER", "THRESHOLD", "PREDICTOR"),
+                    help="a drafter (head+lookup, head, ngram), its exit threshold and the predictor file trained on its candidates; repeatable")
+    ap.add_argument("--per-set", type=int, default=4, help="held-out prompts from each of the six sets")
+    ap.add_argument("-n", type=int, default=128, help="tokens generated per prompt")
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("-o", "--output", help="write the Markdown table here")
+    args = ap.parse_args()
+    args.model = args.model or specee_pc.default_model_path()
+    prompts = first_prompts(SETS, args.per_set)
+    reference = LlamaReference(args.model)
+
+    lines = [f"### Mask's KV holes masked or filled: {os.path.basename(args.model)}, {len(prompts)} held-out prompts x {args.n} tokens",
+             "", "Outputs decoded under `mask`, then teacher-forced through a float32 numpy forward; a step disagrees when its "
+             "greedy token is not the full model's on the same prefix.", "",
+             "| configuration | steps | exits/step | full-depth steps disagreeing, masked | filled | all steps disagreeing, masked | filled |",
+             "|---|---|---|---|---|---|---|"]
+    for drafter, threshold, predictor in args.config:
+        total = measure(args, reference, drafter, float(threshold), predictor, prompts)
+        lines.append(row(drafter, float(threshold), total))
+        print(lines[-1], flush=True)
+    if args.output:
+        with open(args.output + ".tmp", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(args.output + ".tmp", args.output)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
