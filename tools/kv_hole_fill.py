@@ -19,43 +19,44 @@ import argparse
 import os
 import sys
 
+from collections import Counter
+
 import specee_pc
-from specee_pc.benchmark.runs import greedy_tokens
+from specee_pc.benchmark.report import fmt, ratio
+from specee_pc.benchmark.runs import exited_tokens, greedy_tokens
 from specee_pc.calibration import chat_tokens
 from specee_pc.prompt_sets import SETS, first_prompts
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from reference_forward import LlamaReference  # noqa: E402
 
+HOLE_TREATMENTS = ("mask", "fill")
 
-def count_disagreements(reference, tokens, generated, exits, first):
-    """Per hole treatment: steps whose argmax differs from the full model's, split by whether
-    the step exited."""
-    sequence = tokens + generated[:-1]
+
+def disagreements(reference, tokens, generated, exits):
+    """Per hole treatment, per output token: whether its greedy token is not the full model's."""
+    sequence, first = tokens + generated[:-1], len(tokens) - 1
     full = reference.forward(sequence, first=first).argmax(axis=1)
-    exited = [first + i in exits for i in range(len(generated))]
-    counts = {}
-    for holes in ("mask", "fill"):
-        differs = reference.forward(sequence, exits, holes=holes, first=first).argmax(axis=1) != full
-        counts[holes] = (sum(d and e for d, e in zip(differs, exited)), sum(d and not e for d, e in zip(differs, exited)))
-    return counts, sum(exited)
+    return {holes: reference.forward(sequence, exits, holes=holes, first=first).argmax(axis=1) != full
+            for holes in HOLE_TREATMENTS}
 
 
-def measure(args, reference, drafter, threshold, predictor, prompts):
+def measure(args, reference, drafter, threshold, predictor, prompts) -> Counter:
     llm = specee_pc.Llama(args.model, n_ctx=2048, n_threads=args.threads, verbose=False, predictor=predictor,
                           kv_policy="mask", exit_threshold=threshold, drafter=drafter)
-    total = dict(steps=0, exits=0, mask_exit=0, mask_full_depth=0, fill_exit=0, fill_full_depth=0)
+    total = Counter()
     try:
         for i, prompt in enumerate(prompts):
             tokens = chat_tokens(llm, prompt.text)
             generated, _ = greedy_tokens(llm, tokens, args.n)
-            exits = {position: layer for position, layer, _ in llm.exit_stats.exits_at}
-            counts, n_exits = count_disagreements(reference, tokens, generated, exits, len(tokens) - 1)
+            exits_at = llm.exit_stats.exits_at
+            exited = exited_tokens(exits_at, len(tokens), len(generated))
             total["steps"] += len(generated)
-            total["exits"] += n_exits
-            for holes, (at_exit, at_full_depth) in counts.items():
-                total[f"{holes}_exit"] += at_exit
-                total[f"{holes}_full_depth"] += at_full_depth
+            total["exits"] += int(exited.sum())
+            differing = disagreements(reference, tokens, generated, {position: layer for position, layer, _ in exits_at})
+            for holes, differs in differing.items():
+                total[holes] += int(differs.sum())
+                total[holes, "full depth"] += int((differs & ~exited).sum())
             print(f"\r{drafter} {threshold}: {i + 1}/{len(prompts)} prompts", end="", file=sys.stderr, flush=True)
     finally:
         llm.close()
@@ -63,12 +64,12 @@ def measure(args, reference, drafter, threshold, predictor, prompts):
     return total
 
 
-def row(drafter, threshold, t):
+def row(drafter, threshold, t: Counter) -> str:
     full_depth_steps = t["steps"] - t["exits"]
-    pct = lambda n, d: f"{100 * n / d:.2f}%" if d else "-"  # noqa: E731
+    pct = lambda n, d: fmt(ratio(n, d), ".2%", none="-")  # noqa: E731
     return (f"| {drafter} {threshold:.2f} | {t['steps']} | {t['exits'] / t['steps']:.3f} | "
-            f"{pct(t['mask_full_depth'], full_depth_steps)} | {pct(t['fill_full_depth'], full_depth_steps)} | "
-            f"{pct(t['mask_full_depth'] + t['mask_exit'], t['steps'])} | {pct(t['fill_full_depth'] + t['fill_exit'], t['steps'])} |")
+            + " | ".join(pct(t[holes, "full depth"], full_depth_steps) for holes in HOLE_TREATMENTS) + " | "
+            + " | ".join(pct(t[holes], t["steps"]) for holes in HOLE_TREATMENTS) + " |")
 
 
 def main() -> int:
@@ -93,7 +94,7 @@ def main() -> int:
     for drafter, threshold, predictor in args.config:
         total = measure(args, reference, drafter, float(threshold), predictor, prompts)
         lines.append(row(drafter, float(threshold), total))
-        print(lines[-1], flush=True)
+        print(lines[-1], file=sys.stderr, flush=True)
     if args.output:
         with open(args.output + ".tmp", "w") as f:
             f.write("\n".join(lines) + "\n")
