@@ -93,14 +93,15 @@ class ExitController {
                                   ": layer out of range, or feature count not 3k or not the same for all layers");
         }
     }
-    void set_rule(int32_t rule, float threshold) {
+    void set_rule(int32_t rule, float threshold, float threshold_unmatched) {
         if (rule != SPECEE_RULE_VERIFY && rule != SPECEE_RULE_CANDIDATES) throw py::value_error("unknown exit rule");
-        specee_exit_set_rule(e_.get(), (specee_exit_rule) rule, threshold);
+        specee_exit_set_rule(e_.get(), (specee_exit_rule) rule, threshold, threshold_unmatched);
     }
     void set_schedule(const std::vector<int32_t> & layers) { specee_exit_set_schedule(e_.get(), layers.data(), (int32_t) layers.size()); }
     void set_forced(const std::vector<int32_t> & layers) { specee_exit_set_forced(e_.get(), layers.data(), (int32_t) layers.size()); }
-    void set_candidates(const std::vector<int32_t> & ids) {
-        if (!specee_exit_set_candidates(e_.get(), ids.data(), (int32_t) ids.size())) {
+    void set_candidates(const std::vector<int32_t> & ids, const std::vector<uint8_t> & matched) {
+        if (!matched.empty() && matched.size() != ids.size()) throw py::value_error("one matched flag per candidate");
+        if (!specee_exit_set_candidates(e_.get(), ids.data(), matched.empty() ? nullptr : matched.data(), (int32_t) ids.size())) {
             throw py::index_error("candidate token id out of range [0, " + std::to_string(n_vocab_) + ")");
         }
     }
@@ -320,10 +321,11 @@ PYBIND11_MODULE(_native, m) {
         .def(py::init<const Weights &, int32_t>(), py::arg("weights"), py::arg("n_threads") = 1, py::keep_alive<1, 2>())
         .def("set_predictor", &ExitController::set_predictor, py::arg("layer"), py::arg("fc1_w"), py::arg("fc1_b"),
              py::arg("fc2_w"), py::arg("fc2_b"))
-        .def("set_rule", &ExitController::set_rule, py::arg("rule"), py::arg("threshold"))
+        .def("set_rule", &ExitController::set_rule, py::arg("rule"), py::arg("threshold"), py::arg("threshold_unmatched"))
         .def("set_schedule", &ExitController::set_schedule, py::arg("layers"))
         .def("set_forced", &ExitController::set_forced, py::arg("layers"))
-        .def("set_candidates", &ExitController::set_candidates, py::arg("ids"))
+        .def("set_candidates", &ExitController::set_candidates, py::arg("ids"), py::arg("matched") = std::vector<uint8_t>(),
+             "candidate ids and, per candidate, whether prompt lookup found it (empty: all)")
         .def("begin_step", &ExitController::begin_step)
         .def("score", &ExitController::score, py::arg("layer"), py::arg("features"),
              "the layer's predictor scores for feature rows [n, 3k]")

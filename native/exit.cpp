@@ -44,10 +44,12 @@ struct specee_exit {
     int32_t                n_features = 0;
     specee_exit_rule       rule = SPECEE_RULE_VERIFY;
     float                  threshold = 0.5f;
+    float                  threshold_unmatched = 0.5f;  // for candidates prompt lookup did not find
 
     std::vector<uint8_t> scheduled;    // [n_layer]
     std::vector<uint8_t> forced;       // [n_layer]
     std::vector<int32_t> cand;         // k candidate ids, drafter's order
+    std::vector<uint8_t> cand_matched; // [k] whether prompt lookup found each in the context
     std::vector<float>   cand_rows;    // [k][n_embd]
 
     // per step
@@ -91,9 +93,10 @@ bool specee_exit_set_predictor(specee_exit * e, int32_t il, int32_t n_hidden, in
     return true;
 }
 
-void specee_exit_set_rule(specee_exit * e, specee_exit_rule rule, float threshold) {
-    e->rule      = rule;
-    e->threshold = threshold;
+void specee_exit_set_rule(specee_exit * e, specee_exit_rule rule, float threshold, float threshold_unmatched) {
+    e->rule                = rule;
+    e->threshold           = threshold;
+    e->threshold_unmatched = threshold_unmatched;
 }
 
 float specee_exit_score(const specee_exit * e, int32_t il, const float * x) {
@@ -116,10 +119,12 @@ void specee_exit_set_forced(specee_exit * e, const int32_t * layers, int32_t n) 
     set_layers(e->forced, layers, n);
 }
 
-bool specee_exit_set_candidates(specee_exit * e, const int32_t * ids, int32_t k) {
+bool specee_exit_set_candidates(specee_exit * e, const int32_t * ids, const uint8_t * matched, int32_t k) {
     std::vector<float> rows((size_t) k * e->n_embd);
     if (!specee_weights_lm_head_rows(e->weights, ids, k, rows.data())) return false;
     e->cand.assign(ids, ids + k);
+    if (matched) e->cand_matched.assign(matched, matched + k);
+    else         e->cand_matched.assign(k, 1);
     e->cand_rows.swap(rows);
     return true;
 }
@@ -188,18 +193,23 @@ bool specee_exit_check_layer(specee_exit * e, int32_t il, const float * hidden) 
     const float score = e->mlp[il].score(e->features.data(), e->n_features);
     e->step.last_score = score;
     e->step.predictor_us += micros_since(t0);
-    if (!(score > e->threshold)) return false;
+    if (!(score > std::min(e->threshold, e->threshold_unmatched))) return false;
+    // the exit token's own bar: prompt lookup's matches and the drafter's other candidates differ in how
+    // often an exit on them is wrong and in how much the K/V holes of a masked exit cost later tokens
+    const auto passes = [&](int32_t c) { return score > (e->cand_matched[c] ? e->threshold : e->threshold_unmatched); };
 
     const int32_t k = (int32_t) e->cand.size();
     if (e->rule == SPECEE_RULE_CANDIDATES) {
         const float * lc = e->features.data();
         const int32_t best = (int32_t) (std::max_element(lc, lc + k) - lc);
+        if (!passes(best)) return false;
         std::fill(e->logits.begin(), e->logits.end(), -INFINITY);
         for (int32_t c = 0; c < k; ++c) e->logits[e->cand[c]] = lc[c];
         return exit_at(e, il, e->cand[best]);
     }
     const int32_t token = full_lm_head(e);
-    if (std::find(e->cand.begin(), e->cand.end(), token) == e->cand.end()) return false;
+    const auto it = std::find(e->cand.begin(), e->cand.end(), token);
+    if (it == e->cand.end() || !passes((int32_t) (it - e->cand.begin()))) return false;
     return exit_at(e, il, token);
 }
 

@@ -68,9 +68,11 @@ void specee_weights_lm_head_logits(const struct specee_weights * w, const float 
 //   z = final_norm(h_l);  lc = W_out[C] z;  p = softmax(lc);  d = p - p_prev
 //   (p_prev from the previously checked layer of this step; d = p at the first);
 //   score = sigmoid(fc2 relu(fc1 [lc, p, d] + b1) + b2), one MLP per layer.
-// If score > threshold, the rule decides:
+// If score > threshold (or threshold_unmatched, if lower), the rule picks the exit token:
 //   SPECEE_RULE_VERIFY      full LM head on z; exit only if its argmax is in C (SpecEE).
 //   SPECEE_RULE_CANDIDATES  exit with the candidates' logits only (no full LM head).
+// and the score must pass that token's own bar: threshold for a candidate flagged as a
+// prompt-lookup match (set_candidates; without flags, all are), threshold_unmatched otherwise.
 // A forced layer (debug) always exits there, with full LM-head logits.
 
 enum specee_exit_rule {
@@ -97,7 +99,9 @@ void                 specee_exit_free(struct specee_exit * e);
 // n_features must be 3k for the k candidates. False on bad sizes.
 bool specee_exit_set_predictor(struct specee_exit * e, int32_t il, int32_t n_hidden, int32_t n_features,
                                const float * fc1_w, const float * fc1_b, const float * fc2_w, float fc2_b);
-void specee_exit_set_rule(struct specee_exit * e, enum specee_exit_rule rule, float threshold);
+// threshold_unmatched: the bar for exiting on a candidate not flagged matched (set_candidates);
+// equal to threshold, the flags do not matter.
+void specee_exit_set_rule(struct specee_exit * e, enum specee_exit_rule rule, float threshold, float threshold_unmatched);
 // Layer il's predictor score for a feature row x[3k]; -1 without a predictor there.
 float specee_exit_score(const struct specee_exit * e, int32_t il, const float * x);
 
@@ -105,7 +109,8 @@ float specee_exit_score(const struct specee_exit * e, int32_t il, const float * 
 // Candidates are checked against the vocabulary; false if an id is out of range.
 void specee_exit_set_schedule(struct specee_exit * e, const int32_t * layers, int32_t n);
 void specee_exit_set_forced(struct specee_exit * e, const int32_t * layers, int32_t n);
-bool specee_exit_set_candidates(struct specee_exit * e, const int32_t * ids, int32_t k);
+// matched[k] (NULL: all): whether prompt lookup found each candidate in the context.
+bool specee_exit_set_candidates(struct specee_exit * e, const int32_t * ids, const uint8_t * matched, int32_t k);
 
 // Whether the step may stop after layer il (scheduled with a predictor and candidates, or forced).
 bool specee_exit_wants_layer(const struct specee_exit * e, int32_t il);

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 from . import _native
-from .drafters import Drafter
+from .drafters import Drafter, lookup_matches
 from .predictor_file import PredictorFile
 from .schedule import ExitSchedule
 
@@ -64,7 +64,8 @@ class ExitEngine:
     """Sets up each decode step of a hooked context and records what it did."""
 
     def __init__(self, weights, hook, *, n_threads: int, drafter: Drafter, predictors: Optional[PredictorFile],
-                 rule: str = "verify", threshold: Optional[float] = None, kv_policy: str = "exact",
+                 rule: str = "verify", threshold: Optional[float] = None,
+                 threshold_unmatched: Optional[float] = None, kv_policy: str = "exact",
                  force_exit_layers: Sequence[int] = (), offline_layers: Optional[Sequence[int]] = None,
                  online_offsets: Optional[Sequence[int]] = None):
         if kv_policy not in KV_POLICIES:
@@ -81,7 +82,10 @@ class ExitEngine:
                 self.controller.set_predictor(il, p.fc1_weight, p.fc1_bias, p.fc2_weight, p.fc2_bias)
         if threshold is None:
             threshold = predictors.threshold if predictors else 0.5
-        self.controller.set_rule(EXIT_RULES[rule], threshold)
+        # candidates prompt lookup did not find in the context may be held to a stricter bar
+        self.threshold_unmatched = threshold if threshold_unmatched is None else threshold_unmatched
+        self.controller.set_rule(EXIT_RULES[rule], threshold, self.threshold_unmatched)
+        self.flags_matches = self.threshold_unmatched != threshold
         self.set_forced(force_exit_layers)
         offline = offline_layers if offline_layers is not None else (predictors.offline_layers if predictors else [])
         bad = [il for il in offline if not 0 <= il <= n_layer - 2]
@@ -91,7 +95,8 @@ class ExitEngine:
         offsets = online_offsets if online_offsets is not None else (predictors.online_offsets if predictors else [])
         self.schedule = ExitSchedule(n_layer, offline, offsets)
         # a threshold a sigmoid never passes turns exits off: then do not score at all
-        self.has_predictors = predictors is not None and bool(predictors.layers) and threshold < 1.0
+        self.has_predictors = (predictors is not None and bool(predictors.layers)
+                               and min(threshold, self.threshold_unmatched) < 1.0)
         self.hook = hook
         hook.set_exit(self.controller, False)
         self.stats = ExitStats(n_layer)
@@ -131,9 +136,13 @@ class ExitEngine:
         """Choose candidates and layers for the step decoding context[-1]; True if it may exit."""
         start = time.perf_counter()
         candidates = self.drafter.propose(context, self.k) if self.has_predictors else []
-        self.stats.drafter_ms += (time.perf_counter() - start) * 1e3
         usable = len(candidates) == self.k
-        self.controller.set_candidates(candidates if usable else [])
+        matched = []
+        if usable and self.flags_matches:
+            found = lookup_matches(context, self.k)
+            matched = [c in found for c in candidates]
+        self.stats.drafter_ms += (time.perf_counter() - start) * 1e3
+        self.controller.set_candidates(candidates if usable else [], matched)
         self.controller.set_schedule(self.schedule.layers() if usable else [])
         self._open = _OpenStep(len(context) - 1, candidates if usable else [], False)
         armed = usable or bool(self.forced)

@@ -35,6 +35,10 @@ class Llama(llama_cpp.Llama):
                            shipped with specee-pc for this model, if any
         exit_rule          "verify" (SpecEE) or "candidates" (no full LM head at the exit)
         exit_threshold     predictor score above which a step may exit (default: the file's)
+        exit_threshold_unmatched  the score an exit needs when its token is not one prompt
+                           lookup finds in the context (default: exit_threshold); such exits
+                           are wrong more often, and under "mask" their holes cost later tokens
+                           more (README: measured), so 1.0 keeps exits to lookup's matches
         kv_policy          "exact": an exited token is re-run in full with its exit token, and
                            that batch's logits verify it, so outputs are the full model's;
                            "mask" (SpecEE): the exit token is emitted from the exit layer's
@@ -61,8 +65,8 @@ class Llama(llama_cpp.Llama):
 
     def __init__(self, model_path: str, *, verbose: bool = True,
                  predictor: Union[str, PredictorFile, None] = None, exit_rule: str = "verify",
-                 exit_threshold: Optional[float] = None, kv_policy: str = "exact",
-                 drafter: Union[str, Drafter] = "auto", force_exit_layers: Sequence[int] = (),
+                 exit_threshold: Optional[float] = None, exit_threshold_unmatched: Optional[float] = None,
+                 kv_policy: str = "exact", drafter: Union[str, Drafter] = "auto", force_exit_layers: Sequence[int] = (),
                  offline_layers: Optional[Sequence[int]] = None, online_offsets: Optional[Sequence[int]] = None,
                  offload_first_layers: bool = False, **kwargs):
         # our own checks first: llama.cpp would only say "failed to load model"
@@ -96,7 +100,8 @@ class Llama(llama_cpp.Llama):
         self._feature_sink = None   # who gets the target's last hidden states after each decode
         self._decoding = False  # prompt processing never exits
         self.configure_exits(predictor=predictor, exit_rule=exit_rule, exit_threshold=exit_threshold,
-                             kv_policy=kv_policy, drafter=drafter, force_exit_layers=force_exit_layers,
+                             exit_threshold_unmatched=exit_threshold_unmatched, kv_policy=kv_policy,
+                             drafter=drafter, force_exit_layers=force_exit_layers,
                              offline_layers=offline_layers, online_offsets=online_offsets)
 
     # ------------------------------------------------------------------ setup
@@ -174,7 +179,8 @@ class Llama(llama_cpp.Llama):
     # ------------------------------------------------------------------ early exit
 
     def configure_exits(self, *, predictor: Union[str, PredictorFile, None] = None, exit_rule: str = "verify",
-                        exit_threshold: Optional[float] = None, kv_policy: str = "exact",
+                        exit_threshold: Optional[float] = None, exit_threshold_unmatched: Optional[float] = None,
+                        kv_policy: str = "exact",
                         drafter: Union[str, Drafter] = "auto", force_exit_layers: Sequence[int] = (),
                         offline_layers: Optional[Sequence[int]] = None,
                         online_offsets: Optional[Sequence[int]] = None) -> None:
@@ -214,6 +220,7 @@ class Llama(llama_cpp.Llama):
             # workers spin-wait, so a second thread of ours only competes with them (measured)
             engine = ExitEngine(self.weights, self._hook, n_threads=1, drafter=drafter,
                                 predictors=predictor, rule=exit_rule, threshold=exit_threshold,
+                                threshold_unmatched=exit_threshold_unmatched,
                                 kv_policy=kv_policy, force_exit_layers=force_exit_layers,
                                 offline_layers=offline_layers, online_offsets=online_offsets)
         if self._hook.n_holes:

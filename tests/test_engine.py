@@ -5,6 +5,7 @@ from conftest import N_THREADS, constant_predictors
 
 import llama_cpp
 import specee_pc
+from specee_pc.drafters import lookup_matches
 from specee_pc.replay import ReplayExits
 
 PROMPT = "Write a detailed essay about the history of the Roman Empire."
@@ -65,6 +66,18 @@ def test_threshold_above_one_never_exits(model_path, reference):
     assert out == reference.create_completion(REPETITIVE, max_tokens=48, temperature=0.0)["choices"][0]["text"]
     stats = llm.exit_stats
     assert stats.exits == 0 and stats.checks == 0 and stats.mean_layers == 30  # not even scored
+
+
+@pytest.mark.parametrize("unmatched", [None, 0.99999])
+def test_exits_on_tokens_lookup_did_not_find_need_the_unmatched_threshold(model_path, unmatched):
+    # the predictors always score sigmoid(10) = 0.99995: above 0.5, below 0.99999
+    llm = hooked(model_path, predictor=constant_predictors(llm_weights(model_path), [10, 20, 26]),
+                 drafter="ngram", exit_threshold=0.5, exit_threshold_unmatched=unmatched)
+    greedy(llm, REPETITIVE, 48)
+    exits = llm.exit_stats.exits_at
+    matched = [token in lookup_matches(list(llm.input_ids[:position + 1]), 4) for position, _, token in exits]
+    assert sum(matched) > 0  # exits on the repeats either way
+    assert all(matched) == (unmatched is not None)  # and on the fill tokens unless held back
 
 
 def test_predictors_below_threshold_are_scored_but_never_exit(model_path, reference):

@@ -68,8 +68,9 @@ def resolve_predictor(predictor: str, model: str, weights) -> str:
     return path
 
 
-def specee_name(policy: str, drafter: str, rule: str, threshold: float) -> str:
-    return f"specee {policy} {drafter} {rule} {threshold:.2f}"
+def specee_name(policy: str, drafter: str, rule: str, threshold: float, threshold_unmatched: Optional[float] = None) -> str:
+    unmatched = "" if threshold_unmatched in (None, threshold) else f" unmatched {threshold_unmatched:.2f}"
+    return f"specee {policy} {drafter} {rule} {threshold:.2f}{unmatched}"
 
 
 def file_drafters(predictor, models: BenchModels) -> List[str]:
@@ -83,7 +84,8 @@ def file_drafters(predictor, models: BenchModels) -> List[str]:
 
 def build_configs(models: BenchModels, **choices) -> List[BenchConfig]:
     """vanilla, the speculative baselines that apply, and specee for every policy x drafter x
-    rule x threshold (None: the predictor file's threshold); the draft-model variants need
+    rule x threshold (None: the predictor file's threshold) x unmatched threshold (None: the
+    threshold); the draft-model variants need
     models.draft. On an error, what was already loaded is closed."""
     configs: List[BenchConfig] = []
     try:
@@ -96,7 +98,8 @@ def build_configs(models: BenchModels, **choices) -> List[BenchConfig]:
 
 def _add_configs(configs: List[BenchConfig], models: BenchModels, *, baselines: Sequence[str] = BASELINES,
                  policies: Sequence[str] = POLICIES, rules: Sequence[str] = ("verify",),
-                 thresholds: Sequence[Optional[float]] = (None,), lookup_tokens: int = 4,
+                 thresholds: Sequence[Optional[float]] = (None,),
+                 thresholds_unmatched: Sequence[Optional[float]] = (None,), lookup_tokens: int = 4,
                  draft_tokens: int = 4, offline_layers: Optional[Sequence[int]] = None,
                  online_offsets: Optional[Sequence[int]] = None) -> None:
     common = models.llama_kwargs()
@@ -131,16 +134,19 @@ def _add_configs(configs: List[BenchConfig], models: BenchModels, *, baselines: 
     for policy in dict.fromkeys(policies):
         for predictor_path, drafter, file_threshold in pairs:
             for rule in dict.fromkeys(rules):
-                for threshold in dict.fromkeys(file_threshold if t is None else t for t in thresholds):
+                for threshold, unmatched in dict.fromkeys(
+                        (t, t if u is None else u) for t in (file_threshold if t is None else t for t in thresholds)
+                        for u in thresholds_unmatched):
                     llm = Llama(models.model, **common, offload_first_layers=models.offload_first,
                                 predictor=predictor_path, exit_rule=rule, exit_threshold=threshold,
-                                kv_policy=policy, drafter=models.draft if drafter == "draft" else drafter,
+                                exit_threshold_unmatched=unmatched, kv_policy=policy,
+                                drafter=models.draft if drafter == "draft" else drafter,
                                 offline_layers=offline_layers, online_offsets=online_offsets)
                     configs.append(BenchConfig(
-                        specee_name(policy, drafter, rule, threshold), "specee", policy == "exact", llm,
+                        specee_name(policy, drafter, rule, threshold, unmatched), "specee", policy == "exact", llm,
                         {"kv_policy": policy, "drafter": drafter, "exit_rule": rule, "threshold": threshold,
-                         "predictor": predictor_path, "offline_layers": offline_layers,
-                         "online_offsets": online_offsets}, drafter,
+                         "threshold_unmatched": unmatched, "predictor": predictor_path,
+                         "offline_layers": offline_layers, "online_offsets": online_offsets}, drafter,
                         llm.exit_drafter.model if drafter == "draft" else None))
 
 

@@ -22,7 +22,9 @@ def plot_report(report: dict, prefix: str) -> List[str]:
     groups = {}
     for c in specee:
         o = c["options"]
-        groups.setdefault(f"{o['kv_policy']} {o['drafter']} {o['exit_rule']}", []).append(c)
+        unmatched = o.get("threshold_unmatched")  # absent in reports made before it existed
+        bar = "" if unmatched in (None, o["threshold"]) else f" unmatched {unmatched:.2f}"
+        groups.setdefault(f"{o['kv_policy']} {o['drafter']} {o['exit_rule']}{bar}", []).append(c)
     for label, members in groups.items():
         members.sort(key=lambda c: c["options"]["threshold"])
         x = [c["options"]["threshold"] for c in members]

@@ -30,6 +30,13 @@ def threshold_list(text: str) -> List[Optional[float]]:
         raise argparse.ArgumentTypeError(f"expected comma-separated thresholds, got {text!r}") from None
 
 
+def unmatched_list(text: str) -> List[Optional[float]]:
+    try:
+        return [None if x == "same" else float(x) for x in name_list(text)] or [None]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated thresholds or 'same', got {text!r}") from None
+
+
 def int_list(text: str) -> Optional[List[int]]:
     """Comma-separated integers; 'none' is the empty list, 'file' None (the predictor file's)."""
     if text == "file":
@@ -68,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"exit rules, of {', '.join(RULES)} (default: verify)")
     p.add_argument("--thresholds", type=threshold_list, default=[None], metavar="T1,T2",
                    help="exit thresholds; 'file' is the predictor file's (default: file)")
+    p.add_argument("--thresholds-unmatched", type=unmatched_list, default=[None], metavar="U1,U2",
+                   help="the thresholds an exit needs when its token is not a prompt-lookup match in the context, "
+                        "each crossed with --thresholds; 'same': the threshold itself (default: same)")
     p.add_argument("--offline-layers", type=int_list, default=None, metavar="L1,L2",
                    help="specee: the layers every step checks for an exit, instead of the predictor file's "
                         "(default: file)")
@@ -213,7 +223,8 @@ def bench(args) -> int:
     models = BenchModels(model, predictors=args.predictor, draft=args.draft, n_ctx=args.ctx_size,
                          n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, offload_first=args.offload_first)
     configs = build_configs(models, baselines=args.baselines, policies=args.policies, rules=args.rules,
-                            thresholds=args.thresholds, lookup_tokens=args.lookup_tokens,
+                            thresholds=args.thresholds, thresholds_unmatched=args.thresholds_unmatched,
+                            lookup_tokens=args.lookup_tokens,
                             draft_tokens=args.draft_tokens, offline_layers=args.offline_layers,
                             online_offsets=args.online_offsets)
     try:

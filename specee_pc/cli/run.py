@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "candidates: emit the best candidate without the full LM head (default: verify)")
     exits.add_argument("--threshold", type=float, default=None,
                        help="predictor score above which a step may exit (default: the predictor file's)")
+    exits.add_argument("--threshold-unmatched", type=float, default=None, metavar="T",
+                       help="the score an exit needs when its token is not a prompt-lookup match in the context: "
+                            "those exits are wrong more often; 1.0 exits on matches only (default: --threshold)")
     exits.add_argument("--kv-policy", choices=["exact", "mask"], default="exact",
                        help="exact: re-run an exited token in full with its exit token, whose logits verify it: "
                             "outputs are the full model's; mask (SpecEE, lossy, no repair cost): emit the exit "
@@ -159,6 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     seed=args.seed if args.seed >= 0 else 0xFFFFFFFF, verbose=args.verbose,
                     predictor=None if args.no_exit else args.predictor, drafter=args.draft or args.drafter,
                     exit_rule=args.exit_rule, exit_threshold=args.threshold,
+                    exit_threshold_unmatched=args.threshold_unmatched,
                     kv_policy=args.kv_policy, force_exit_layers=[] if args.no_exit else args.force_exit_layers)
         if args.prompt is None:
             return chat(llm, args)
