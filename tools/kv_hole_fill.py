@@ -13,6 +13,10 @@ Full-depth steps are where the holes alone make the difference (the same computa
 same prefix, only what deeper layers see of earlier exits changes). Exit steps are scored too
 (their own skipped layers are not in question, only earlier holes below their exit layer).
 
+--by-match adds a second table: the exits split by whether prompt lookup finds the exit token in
+its context (the bar of exit_threshold_unmatched), each part's wrong exits, and the full-depth
+steps that go wrong with only that part's holes masked, per 100 of its exits.
+
     python tools/kv_hole_fill.py --config head+lookup 0.9 P.gguf --config ngram 0.7 Q.gguf -o R.md
 """
 import argparse
@@ -25,20 +29,37 @@ import specee_pc
 from specee_pc.benchmark.report import fmt, ratio
 from specee_pc.benchmark.runs import exited_tokens, greedy_tokens
 from specee_pc.calibration import chat_tokens
+from specee_pc.drafters import lookup_matches
 from specee_pc.prompt_sets import SETS, first_prompts
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from reference_forward import LlamaReference  # noqa: E402
 
 HOLE_TREATMENTS = ("mask", "fill")
+MATCH_CLASSES = ("matched", "unmatched")
 
 
-def disagreements(reference, tokens, generated, exits):
-    """Per hole treatment, per output token: whether its greedy token is not the full model's."""
+def wrong_tokens(reference, tokens, generated):
+    """wrong(exits, holes): per output token, whether its greedy token is not the full model's when
+    the outputs are teacher-forced with these exits and this hole treatment."""
     sequence, first = tokens + generated[:-1], len(tokens) - 1
     full = reference.forward(sequence, first=first).argmax(axis=1)
-    return {holes: reference.forward(sequence, exits, holes=holes, first=first).argmax(axis=1) != full
-            for holes in HOLE_TREATMENTS}
+    return lambda exits, holes="mask": reference.forward(sequence, exits, holes=holes, first=first).argmax(axis=1) != full
+
+
+def by_match(wrong, tokens, generated, exits_at, exited, wrong_masked, total: Counter) -> None:
+    """Counts per match class: exits, wrong exits, and full-depth steps wrong with only its holes."""
+    classes = {}
+    for position, layer, _ in exits_at:
+        i = position - len(tokens) + 1  # the output token this exit emitted
+        if 0 <= i < len(generated):
+            matched = generated[i] in lookup_matches(tokens + generated[:i], 4)
+            classes[position] = (MATCH_CLASSES[not matched], layer, i)
+    for name in MATCH_CLASSES:
+        own = {position: layer for position, (c, layer, _) in classes.items() if c == name}
+        total[name, "exits"] += len(own)
+        total[name, "wrong"] += sum(int(wrong_masked[i]) for c, _, i in classes.values() if c == name)
+        total[name, "full depth"] += int((wrong(own) & ~exited).sum())
 
 
 def measure(args, reference, drafter, threshold, predictor, prompts) -> Counter:
@@ -53,10 +74,14 @@ def measure(args, reference, drafter, threshold, predictor, prompts) -> Counter:
             exited = exited_tokens(exits_at, len(tokens), len(generated))
             total["steps"] += len(generated)
             total["exits"] += int(exited.sum())
-            differing = disagreements(reference, tokens, generated, {position: layer for position, layer, _ in exits_at})
+            wrong = wrong_tokens(reference, tokens, generated)
+            exits = {position: layer for position, layer, _ in exits_at}
+            differing = {holes: wrong(exits, holes) for holes in HOLE_TREATMENTS}
             for holes, differs in differing.items():
                 total[holes] += int(differs.sum())
                 total[holes, "full depth"] += int((differs & ~exited).sum())
+            if args.by_match:
+                by_match(wrong, tokens, generated, exits_at, exited, differing["mask"], total)
             print(f"\r{drafter} {threshold}: {i + 1}/{len(prompts)} prompts", end="", file=sys.stderr, flush=True)
     finally:
         llm.close()
@@ -72,6 +97,12 @@ def row(drafter, threshold, t: Counter) -> str:
             + " | ".join(pct(t[holes], t["steps"]) for holes in HOLE_TREATMENTS) + " |")
 
 
+def match_row(drafter, threshold, t: Counter) -> str:
+    cells = [f"{t[name, 'exits']} | {fmt(ratio(t[name, 'wrong'], t[name, 'exits']), '.1%', none='-')} | "
+             f"{fmt(ratio(100 * t[name, 'full depth'], t[name, 'exits']), '.1f', none='-')}" for name in MATCH_CLASSES]
+    return f"| {drafter} {threshold:.2f} | " + " | ".join(cells) + " |"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", default=None, help="GGUF model, llama architecture (default: embedded SmolLM2-135M)")
@@ -80,6 +111,8 @@ def main() -> int:
     ap.add_argument("--per-set", type=int, default=4, help="held-out prompts from each of the six sets")
     ap.add_argument("-n", type=int, default=128, help="tokens generated per prompt")
     ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--by-match", action="store_true",
+                    help="also split the exits by whether prompt lookup finds their token (two more forwards a prompt)")
     ap.add_argument("-o", "--output", help="write the Markdown table here")
     args = ap.parse_args()
     args.model = args.model or specee_pc.default_model_path()
@@ -91,10 +124,17 @@ def main() -> int:
              "greedy token is not the full model's on the same prefix.", "",
              "| configuration | steps | exits/step | full-depth steps disagreeing, masked | filled | all steps disagreeing, masked | filled |",
              "|---|---|---|---|---|---|---|"]
+    matches = ["", "Exits split by whether prompt lookup finds the exit token in its context; full-depth steps "
+               "disagreeing with only that part's holes masked, per 100 of its exits.", "",
+               "| configuration | matched exits | wrong | full-depth disagreements / 100 | unmatched exits | wrong | "
+               "full-depth disagreements / 100 |", "|---|---|---|---|---|---|---|"]
     for drafter, threshold, predictor in args.config:
         total = measure(args, reference, drafter, float(threshold), predictor, prompts)
         lines.append(row(drafter, float(threshold), total))
         print(lines[-1], file=sys.stderr, flush=True)
+        matches.append(match_row(drafter, float(threshold), total))
+    if args.by_match:
+        lines += matches
     if args.output:
         with open(args.output + ".tmp", "w") as f:
             f.write("\n".join(lines) + "\n")
