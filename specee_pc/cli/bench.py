@@ -23,18 +23,15 @@ from .reports import name_list, run_command, write_report
 from .run import default_threads
 
 
-def threshold_list(text: str) -> List[Optional[float]]:
-    try:
-        return [None if x == "file" else float(x) for x in name_list(text)] or [None]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated thresholds, got {text!r}") from None
-
-
-def unmatched_list(text: str) -> List[Optional[float]]:
-    try:
-        return [None if x == "same" else float(x) for x in name_list(text)] or [None]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated thresholds or 'same', got {text!r}") from None
+def threshold_list(default_word: str):
+    """An argparse type: comma-separated thresholds, default_word standing for None (a default)."""
+    def parse(text: str) -> List[Optional[float]]:
+        try:
+            return [None if x == default_word else float(x) for x in name_list(text)] or [None]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated thresholds or {default_word!r}, "
+                                             f"got {text!r}") from None
+    return parse
 
 
 def int_list(text: str) -> Optional[List[int]]:
@@ -73,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="specee KV policies: exact, mask; none for no specee configuration (default: exact,mask)")
     p.add_argument("--rules", type=name_list, default=["verify"], metavar="R1,R2",
                    help=f"exit rules, of {', '.join(RULES)} (default: verify)")
-    p.add_argument("--thresholds", type=threshold_list, default=[None], metavar="T1,T2",
+    p.add_argument("--thresholds", type=threshold_list("file"), default=[None], metavar="T1,T2",
                    help="exit thresholds; 'file' is the predictor file's (default: file)")
-    p.add_argument("--thresholds-unmatched", type=unmatched_list, default=[None], metavar="U1,U2",
+    p.add_argument("--thresholds-unmatched", type=threshold_list("same"), default=[None], metavar="U1,U2",
                    help="the thresholds an exit needs when its token is not a prompt-lookup match in the context, "
                         "each crossed with --thresholds; 'same': the threshold itself (default: same)")
     p.add_argument("--offline-layers", type=int_list, default=None, metavar="L1,L2",
