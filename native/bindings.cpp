@@ -13,6 +13,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace py = pybind11;
@@ -174,23 +175,32 @@ class DraftHead {
         }
     }
 
-    // lookup_lead >= 0: merged with prompt lookup (specee_head_lookup_propose)
-    std::vector<int32_t> propose(const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & tokens, int32_t k,
-                                 int32_t lookup_lead, int32_t max_ngram, int32_t window) {
-        if (lookup_lead >= 0 && (max_ngram < 1 || window < 1)) {
-            throw py::value_error("prompt lookup needs max_ngram and window of at least 1");
-        }
+    std::vector<int32_t> propose(const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & tokens, int32_t k) {
         std::vector<int32_t> out(std::max(k, 0));
-        const int32_t n_tokens = (int32_t) tokens.size();
         int32_t n;
         {
             py::gil_scoped_release release;
-            n = lookup_lead < 0 ? specee_head_propose(h_.get(), tokens.data(), n_tokens, k, out.data())
-                                : specee_head_lookup_propose(h_.get(), tokens.data(), n_tokens, k, lookup_lead, max_ngram,
-                                                             window, out.data());
+            n = specee_head_propose(h_.get(), tokens.data(), (int32_t) tokens.size(), k, out.data());
         }
         out.resize(n);
         return out;
+    }
+
+    // merged with prompt lookup (specee_head_lookup_propose): the candidates and lookup's flags
+    std::pair<std::vector<int32_t>, std::vector<bool>> lookup_propose(
+            const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & tokens, int32_t k, int32_t lead,
+            int32_t max_ngram, int32_t window) {
+        if (max_ngram < 1 || window < 1) throw py::value_error("prompt lookup needs max_ngram and window of at least 1");
+        std::vector<int32_t> out(std::max(k, 0));
+        std::vector<uint8_t> matched(out.size());
+        int32_t n;
+        {
+            py::gil_scoped_release release;
+            n = specee_head_lookup_propose(h_.get(), tokens.data(), (int32_t) tokens.size(), k, lead, max_ngram, window,
+                                           out.data(), matched.data());
+        }
+        out.resize(n);
+        return {out, std::vector<bool>(matched.begin(), matched.begin() + n)};
     }
 
     bool prefill(const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & tokens) {
@@ -347,10 +357,12 @@ PYBIND11_MODULE(_native, m) {
         .def("reset", [](DraftHead & h) { specee_head_reset(h.get()); }, "forget every stored feature and cached row")
         .def("set_features", &DraftHead::set_features, py::arg("pos"), py::arg("hidden"),
              "the target's hidden states (before the final norm) at positions pos, pos+1, ...")
-        .def("propose", &DraftHead::propose, py::arg("tokens"), py::arg("k"), py::arg("lookup_lead") = -1,
+        .def("propose", &DraftHead::propose, py::arg("tokens"), py::arg("k"),
+             "top-k target ids for the token after the context (empty when a feature is missing)")
+        .def("lookup_propose", &DraftHead::lookup_propose, py::arg("tokens"), py::arg("k"), py::arg("lead"),
              py::arg("max_ngram") = 3, py::arg("window") = 1024,
-             "top-k target ids for the token after the context (empty when a feature is missing); with "
-             "lookup_lead >= 0, the head's top lookup_lead, then prompt-lookup matches, then the head's next")
+             "(ids, matched): the head's top lead, then prompt-lookup matches, then the head's next; matched: "
+             "whether lookup found each")
         .def("prefill", &DraftHead::prefill, py::arg("tokens"),
              "after a prompt: run the rows its tokens determine (False when a feature is missing)")
         .def("time_lm_head", [](DraftHead & h, int32_t n_runs) { return specee_head_time_lm_head(h.get(), n_runs); },

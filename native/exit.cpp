@@ -207,6 +207,10 @@ bool specee_exit_check_layer(specee_exit * e, int32_t il, const float * hidden) 
         for (int32_t c = 0; c < k; ++c) e->logits[e->cand[c]] = lc[c];
         return exit_at(e, il, e->cand[best]);
     }
+    // the full LM head only when some candidate could still exit (none may, when all are unmatched)
+    bool any_passes = false;
+    for (int32_t c = 0; c < k && !any_passes; ++c) any_passes = passes(c);
+    if (!any_passes) return false;
     const int32_t token = full_lm_head(e);
     const auto it = std::find(e->cand.begin(), e->cand.end(), token);
     if (it == e->cand.end() || !passes((int32_t) (it - e->cand.begin()))) return false;

@@ -32,12 +32,13 @@ int32_t specee_lookup_matches(const int32_t * tokens, int32_t n, int32_t k, int3
 }
 
 int32_t specee_head_lookup_propose(struct specee_head * h, const int32_t * tokens, int32_t n, int32_t k, int32_t lead,
-                                   int32_t max_ngram, int32_t window, int32_t * out) {
+                                   int32_t max_ngram, int32_t window, int32_t * out, uint8_t * matched) {
     if (k <= 0) return 0;
     std::vector<int32_t> head(k), found(k);
     const int32_t n_head = specee_head_propose(h, tokens, n, k, head.data());
     if (n_head < k) { // nothing to draft from (or a vocabulary smaller than k): the head's alone
         std::copy(head.begin(), head.begin() + n_head, out);
+        if (matched) std::fill(matched, matched + n_head, 0);
         return n_head;
     }
     const int32_t n_found = specee_lookup_matches(tokens, n, k, max_ngram, window, found.data());
@@ -49,5 +50,9 @@ int32_t specee_head_lookup_propose(struct specee_head * h, const int32_t * token
     for (int32_t i = 0; i < n_lead; ++i) add(head[i]);
     for (int32_t i = 0; i < n_found; ++i) add(found[i]);
     for (int32_t i = n_lead; i < n_head; ++i) add(head[i]);
+    // a head candidate lookup also found counts as found
+    for (int32_t i = 0; matched && i < m; ++i) {
+        matched[i] = std::find(found.begin(), found.begin() + n_found, out[i]) != found.begin() + n_found;
+    }
     return m;
 }

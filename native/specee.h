@@ -72,7 +72,8 @@ void specee_weights_lm_head_logits(const struct specee_weights * w, const float 
 //   SPECEE_RULE_VERIFY      full LM head on z; exit only if its argmax is in C (SpecEE).
 //   SPECEE_RULE_CANDIDATES  exit with the candidates' logits only (no full LM head).
 // and the score must pass that token's own bar: threshold for a candidate flagged as a
-// prompt-lookup match (set_candidates; without flags, all are), threshold_unmatched otherwise.
+// prompt-lookup match (set_candidates; without flags, all are), threshold_unmatched otherwise
+// (verify skips its full LM head when the score passes no candidate's bar).
 // A forced layer (debug) always exits there, with full LM-head logits.
 
 enum specee_exit_rule {
@@ -196,8 +197,10 @@ int32_t specee_lookup_matches(const int32_t * tokens, int32_t n, int32_t k, int3
 // lookup matches, then the head's next, without repeats, k in all. Native because it runs
 // before every step, on caches the target step has just flushed (in Python it cost 0.03-0.05
 // ms more). Returns how many were written: fewer than k only when the head proposed fewer.
+// matched (NULL: not wanted) gets, per candidate written, whether lookup found it (the exit
+// controller's flags, without a second lookup).
 int32_t specee_head_lookup_propose(struct specee_head * h, const int32_t * tokens, int32_t n, int32_t k, int32_t lead,
-                                   int32_t max_ngram, int32_t window, int32_t * out);
+                                   int32_t max_ngram, int32_t window, int32_t * out, uint8_t * matched);
 
 // ---------------------------------------------------------------- eval-callback hook
 

@@ -1,5 +1,5 @@
 """Candidate drafters: each proposes k token ids for the token the next step will output."""
-from typing import List, Protocol, Sequence
+from typing import List, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -13,6 +13,16 @@ class Drafter(Protocol):
         `context` is every accepted token so far (prompt and output), ending with the token
         being decoded; a drafter with state of its own syncs it from there.
         """
+
+
+def propose_flagged(drafter: Drafter, context: Sequence[int], k: int) -> Tuple[List[int], List[bool]]:
+    """The drafter's candidates and whether prompt lookup found each in the context: as the
+    drafter reports it when it ran lookup itself (its `propose_flagged`), else from a lookup here."""
+    if hasattr(drafter, "propose_flagged"):
+        return drafter.propose_flagged(context, k)
+    candidates = drafter.propose(context, k)
+    found = lookup_matches(context, k)
+    return candidates, [c in found for c in candidates]
 
 
 def check_lookup_options(max_ngram: int, search_window: int) -> None:
@@ -38,16 +48,21 @@ class NgramDrafter:
         self.search_window = search_window
 
     def propose(self, context: Sequence[int], k: int) -> List[int]:
+        return self.propose_flagged(context, k)[0]
+
+    def propose_flagged(self, context: Sequence[int], k: int) -> Tuple[List[int], List[bool]]:
+        """The candidates, and which of them lookup found (the rest are frequent tokens)."""
         found = lookup_matches(context, k, self.max_ngram, self.search_window)
-        if len(found) < k:
+        candidates = list(found)
+        if len(candidates) < k:
             tokens, first, counts = np.unique(np.asarray(context[-self.search_window:]), return_index=True,
                                               return_counts=True)
             for token in tokens[np.lexsort((first, -counts))]:  # most frequent first; ties: earliest
-                if len(found) == k:
+                if len(candidates) == k:
                     break
                 if token not in found:
-                    found.append(int(token))
-        return found
+                    candidates.append(int(token))
+        return candidates, [i < len(found) for i in range(len(candidates))]
 
 
 def open_draft_model(path: str, *, target_vocab: int, n_ctx: int, n_threads: int, n_gpu_layers: int = 0):
@@ -132,7 +147,11 @@ class HeadLookupDrafter(HeadDrafter):
     def propose(self, context: Sequence[int], k: int) -> List[int]:
         # one native call: Python's share of this, on the caches a target step leaves, was 0.03-0.05 ms
         # (empty when there are no hidden states for this position: nothing to draft from)
-        return self.head.propose(np.asarray(context, dtype=np.int32), k, self.lead)
+        return self.propose_flagged(context, k)[0]
+
+    def propose_flagged(self, context: Sequence[int], k: int) -> Tuple[List[int], List[bool]]:
+        """The candidates and which of them lookup found, from the same native call."""
+        return self.head.lookup_propose(np.asarray(context, dtype=np.int32), k, self.lead)
 
 
 HEAD_DRAFTERS = {"head": HeadDrafter, "head+lookup": HeadLookupDrafter}  # the drafters a file's head runs

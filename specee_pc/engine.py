@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 from . import _native
-from .drafters import Drafter, lookup_matches
+from .drafters import Drafter, propose_flagged
 from .predictor_file import PredictorFile
 from .schedule import ExitSchedule
 
@@ -135,14 +135,14 @@ class ExitEngine:
     def arm(self, context: Sequence[int]) -> bool:
         """Choose candidates and layers for the step decoding context[-1]; True if it may exit."""
         start = time.perf_counter()
-        candidates = self.drafter.propose(context, self.k) if self.has_predictors else []
+        candidates, matched = [], []
+        if self.has_predictors and self.flags_matches:
+            candidates, matched = propose_flagged(self.drafter, context, self.k)
+        elif self.has_predictors:
+            candidates = self.drafter.propose(context, self.k)
         usable = len(candidates) == self.k
-        matched = []
-        if usable and self.flags_matches:
-            found = lookup_matches(context, self.k)
-            matched = [c in found for c in candidates]
         self.stats.drafter_ms += (time.perf_counter() - start) * 1e3
-        self.controller.set_candidates(candidates if usable else [], matched)
+        self.controller.set_candidates(candidates if usable else [], matched if usable else [])
         self.controller.set_schedule(self.schedule.layers() if usable else [])
         self._open = _OpenStep(len(context) - 1, candidates if usable else [], False)
         armed = usable or bool(self.forced)

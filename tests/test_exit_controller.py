@@ -96,6 +96,10 @@ def test_unmatched_candidates_meet_their_own_threshold(llm, model_path):
         assert exits(rule, 0.5, 0.999, [False, True, True, True]) is False    # it was not: 0.9933 < 0.999
         assert exits(rule, 0.999, 0.5, [False, True, True, True]) is True     # the bars apply either way round
         assert exits(rule, 0.999, 0.5, []) is False                           # no flags: all matched
+    # under verify a step no candidate can exit on skips the full LM head: none matched, 0.9933 < 0.999
+    assert exits(_native.RULE_VERIFY, 0.5, 0.999, [False] * 4) is False and controller.step()["n_lm_heads"] == 0
+    assert exits(_native.RULE_VERIFY, 0.5, 0.999, [False, True, False, False]) is False
+    assert controller.step()["n_lm_heads"] == 1  # candidate 1 could: the LM head ran, its argmax is top
     controller.set_rule(_native.RULE_VERIFY, 0.5, 0.999)
     with pytest.raises(ValueError):
         controller.set_candidates(candidates, [True, False])

@@ -252,8 +252,9 @@ def test_lookup_merged_candidates_hit_more_than_the_heads(model_path, shipped):
             context, following = llm.input_ids[:end], llm.input_ids[end]
             head = HeadDrafter.propose(merged, context, 4)
             lookup = lookup_matches(context, 4)
-            ours = merged.propose(context, 4)
+            ours, matched = merged.propose_flagged(context, 4)
             assert ours == list(dict.fromkeys(head[:2] + lookup + head[2:]))[:4] and len(set(ours)) == 4
+            assert matched == [c in lookup for c in ours]  # the flags the unmatched threshold reads
             hits["head"] += following in head
             hits["head+lookup"] += following in ours
     finally:
@@ -276,7 +277,7 @@ def test_head_drafter_errors(llm, model_path, tmp_path):
         read_predictor_file(str(tmp_path / "missing.gguf"))
     head = _native.DraftHead(shipped_predictor_path(llm.weights), llm.weights, 64)
     with pytest.raises(ValueError, match="prompt lookup"):
-        head.propose(np.arange(8, dtype=np.int32), 4, lookup_lead=2, max_ngram=0)
+        head.lookup_propose(np.arange(8, dtype=np.int32), 4, 2, max_ngram=0)
 
 
 def test_loaded_state_is_not_drafted_from_stale_states(model_path, shipped):

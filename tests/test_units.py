@@ -23,6 +23,7 @@ def test_ngram_drafter_prefers_long_recent_matches():
     assert drafter.propose(context, 4) == [4, 3, 2, 1]
     assert drafter.propose([5, 6, 5, 6, 5], 1) == [6]
     assert drafter.propose([7], 4) == [7]
+    assert drafter.propose_flagged(context, 4) == ([4, 3, 2, 1], [True, True, False, False])  # the fill is not
 
 
 def test_lookup_matches_are_the_scan_over_ngrams():
