@@ -191,6 +191,7 @@ class DraftHead {
             const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & tokens, int32_t k, int32_t lead,
             int32_t max_ngram, int32_t window) {
         if (max_ngram < 1 || window < 1) throw py::value_error("prompt lookup needs max_ngram and window of at least 1");
+        if (lead < 0) throw py::value_error("lead: how many of the head's candidates come first, at least 0");
         std::vector<int32_t> out(std::max(k, 0));
         std::vector<uint8_t> matched(out.size());
         int32_t n;

@@ -197,8 +197,9 @@ int32_t specee_lookup_matches(const int32_t * tokens, int32_t n, int32_t k, int3
 // lookup matches, then the head's next, without repeats, k in all. Native because it runs
 // before every step, on caches the target step has just flushed (in Python it cost 0.03-0.05
 // ms more). Returns how many were written: fewer than k only when the head proposed fewer.
-// matched (NULL: not wanted) gets, per candidate written, whether lookup found it (the exit
-// controller's flags, without a second lookup).
+// matched (NULL: not wanted; else room for k) gets, per candidate written, whether lookup found
+// it (the exit controller's flags, without a second lookup); all 0 when the head proposed fewer
+// than k (lookup does not run then).
 int32_t specee_head_lookup_propose(struct specee_head * h, const int32_t * tokens, int32_t n, int32_t k, int32_t lead,
                                    int32_t max_ngram, int32_t window, int32_t * out, uint8_t * matched);
 

@@ -278,6 +278,8 @@ def test_head_drafter_errors(llm, model_path, tmp_path):
     head = _native.DraftHead(shipped_predictor_path(llm.weights), llm.weights, 64)
     with pytest.raises(ValueError, match="prompt lookup"):
         head.lookup_propose(np.arange(8, dtype=np.int32), 4, 2, max_ngram=0)
+    with pytest.raises(ValueError, match="lead"):
+        head.lookup_propose(np.arange(8, dtype=np.int32), 4, -1)
 
 
 def test_loaded_state_is_not_drafted_from_stale_states(model_path, shipped):

@@ -4,8 +4,9 @@
 Lossy configurations trade agreement with the full model for exits, and each threshold lands a
 drafter at an agreement of its own, so two drafters compare only along their curves. For every
 configuration of --drafter this reads the --against drafter's exits at that agreement off its
-measured trade-off curve (its configurations no other beats on both counts, joined by straight
-lines), and the difference. The prompts are few and they move both numbers, so the difference
+measured trade-off curve (the upper concave hull of its configurations and of exits off: mixing
+two thresholds reaches the line between them; best at that agreement or higher), and the
+difference; below the other drafter's lowest measured agreement there is nothing to compare. The prompts are few and they move both numbers, so the difference
 comes with a paired bootstrap over prompts (every configuration resampled with the same prompts).
 Reports must hold the same prompts, token counts and policy (several reports' configurations
 are pooled: one threshold sweep can be extended by another).
@@ -21,7 +22,7 @@ from typing import Dict, List
 import numpy as np
 
 
-def per_prompt_counts(report: dict) -> Dict[str, np.ndarray]:
+def per_prompt_counts(path: str, report: dict) -> Dict[str, np.ndarray]:
     """Per lossy configuration, an array [prompt, (exits, steps, agreeing tokens, tokens)]."""
     prompts = [p["name"] for p in report["prompts"]]
     counts = {}
@@ -29,19 +30,19 @@ def per_prompt_counts(report: dict) -> Dict[str, np.ndarray]:
         if config["kind"] != "specee" or config["lossless"]:
             continue
         name = config["name"]
-        rows = {p: np.zeros(4) for p in prompts}
-        for run in report["runs"]:
-            if run["config"] == name and run["rep"] == 0:
-                rows[run["prompt"]][:2] = run["exit"]["exits"], run["exit"]["steps"]
-        for check in config["quality"]["per_prompt"]:
-            rows[check["prompt"]][2:] = check["greedy_agreeing"], check["tokens"]
-        counts[name] = np.stack([rows[p] for p in prompts])
+        exits = {r["prompt"]: r["exit"] for r in report["runs"] if r["config"] == name and r["rep"] == 0}
+        checks = {c["prompt"]: c for c in config["quality"]["per_prompt"]}
+        missing = [p for p in prompts if p not in exits or p not in checks]
+        if missing:
+            sys.exit(f"{path}: {name} has no run or output check for {', '.join(missing)}")
+        counts[name] = np.array([(exits[p]["exits"], exits[p]["steps"], checks[p]["greedy_agreeing"],
+                                  checks[p]["tokens"]) for p in prompts], dtype=float)
     return counts
 
 
 def load(paths: List[str]):
-    """The pooled configurations (name -> (drafter, counts)) of reports on the same prompts."""
-    configs, prompts = {}, None
+    """The pooled configurations (name -> (drafter, counts)) of reports on the same prompts and policy."""
+    configs, prompts, policies = {}, None, set()
     for path in paths:
         with open(path) as f:
             report = json.load(f)
@@ -49,9 +50,14 @@ def load(paths: List[str]):
         if prompts is not None and these != prompts:
             sys.exit(f"{path}: other prompts than {paths[0]}'s; the curves would not compare")
         prompts = these
-        drafters = {c["name"]: c["options"].get("drafter") for c in report["configs"]}
-        for name, counts in per_prompt_counts(report).items():
-            configs[name] = (drafters[name], counts)
+        options = {c["name"]: c["options"] for c in report["configs"]}
+        for name, counts in per_prompt_counts(path, report).items():
+            if name in configs:
+                sys.exit(f"{path}: {name} is in an earlier report too; pool each configuration once")
+            policies.add(options[name]["kv_policy"])
+            configs[name] = (options[name]["drafter"], counts)
+    if len(policies) > 1:
+        sys.exit(f"the reports mix KV policies ({', '.join(sorted(policies))}); compare one at a time")
     return configs, len(prompts)
 
 
@@ -62,19 +68,24 @@ def totals(counts: np.ndarray, sample: np.ndarray):
 
 
 def frontier_at(points, agreement: float) -> float:
-    """The other drafter's exits per step at this agreement: on the line between its two
-    measured trade-offs either side (mixing two thresholds reaches any point between them), or
-    its best at a higher agreement when none is lower; nan above its highest agreement."""
-    pareto = [(e, a) for e, a in points if not any(e2 >= e and a2 >= a and (e2, a2) != (e, a) for e2, a2 in points)]
-    above = [(a, e) for e, a in pareto if a >= agreement]
-    below = [(a, e) for e, a in pareto if a < agreement]
-    if not above:
+    """The other drafter's exits per step at this agreement, read off its trade-off curve: the
+    upper concave hull of its configurations (mixing two thresholds reaches any point on the line
+    between them), anchored at no exits and full agreement (exits off), taking the best at this
+    agreement or higher. nan below its lowest measured agreement: what it would do there is unknown."""
+    if agreement < min(a for _, a in points):
         return float("nan")
-    a_hi, e_hi = min(above)
-    if not below:
-        return e_hi
-    a_lo, e_lo = max(below)
-    return e_lo + (e_hi - e_lo) * (agreement - a_lo) / (a_hi - a_lo)
+    best = {1.0: 0.0}  # the most exits at each agreement
+    for exits, agreement_ in points:
+        best[agreement_] = max(exits, best.get(agreement_, 0.0))
+    hull = []  # (agreement, exits), agreement rising
+    for point in sorted(best.items()):
+        # drop the last point while it lies on or under the line from the one before to this one
+        while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (point[1] - hull[-2][1])
+                                  >= (hull[-1][1] - hull[-2][1]) * (point[0] - hull[-2][0])):
+            hull.pop()
+        hull.append(point)
+    on_hull = float(np.interp(agreement, [a for a, _ in hull], [e for _, e in hull]))
+    return max([on_hull] + [e for a, e in hull if a >= agreement])
 
 
 def main():
@@ -104,9 +115,12 @@ def main():
             exits, agreement = totals(counts, sample)
             diffs.append(exits - frontier_at([totals(c, sample) for c in theirs.values()], agreement))
         exits, agreement = totals(counts, samples[0])
+        if not np.isfinite(diffs[0]):
+            print(f"| {name} | {exits:.3f} | {agreement:.1%} | not measured this low | – | – | – |")
+            continue
         boot = np.array(diffs[1:])
-        boot = boot[np.isfinite(boot)]  # resamples where the other drafter reached no such agreement
-        low, high = np.percentile(boot, [5, 95]) if len(boot) else (float("nan"),) * 2
+        boot = boot[np.isfinite(boot)]  # resamples where this agreement fell below all of theirs
+        low, high = np.percentile(boot, [5, 95])
         print(f"| {name} | {exits:.3f} | {agreement:.1%} | {exits - diffs[0]:.3f} | {diffs[0]:+.3f} | "
               f"{low:+.3f} to {high:+.3f} | {np.mean(boot > 0):.0%} of {len(boot)} |")
 
