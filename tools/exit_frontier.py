@@ -6,7 +6,8 @@ drafter at an agreement of its own, so two drafters compare only along their cur
 configuration of --drafter this reads the --against drafter's exits at that agreement off its
 measured trade-off curve (the upper concave hull of its configurations and of exits off: mixing
 two thresholds reaches the line between them; best at that agreement or higher), and the
-difference; below the other drafter's lowest measured agreement there is nothing to compare. The prompts are few and they move both numbers, so the difference
+difference; below the other drafter's lowest measured agreement only its being ahead there
+(more exits at a higher agreement) says anything. The prompts are few and they move both numbers, so the difference
 comes with a paired bootstrap over prompts (every configuration resampled with the same prompts).
 Reports must hold the same prompts, token counts and policy (several reports' configurations
 are pooled: one threshold sweep can be extended by another).
@@ -71,9 +72,7 @@ def frontier_at(points, agreement: float) -> float:
     """The other drafter's exits per step at this agreement, read off its trade-off curve: the
     upper concave hull of its configurations (mixing two thresholds reaches any point on the line
     between them), anchored at no exits and full agreement (exits off), taking the best at this
-    agreement or higher. nan below its lowest measured agreement: what it would do there is unknown."""
-    if agreement < min(a for _, a in points):
-        return float("nan")
+    agreement or higher (below its lowest measured agreement: its most exits, reached higher up)."""
     best = {1.0: 0.0}  # the most exits at each agreement
     for exits, agreement_ in points:
         best[agreement_] = max(exits, best.get(agreement_, 0.0))
@@ -115,14 +114,14 @@ def main():
             exits, agreement = totals(counts, sample)
             diffs.append(exits - frontier_at([totals(c, sample) for c in theirs.values()], agreement))
         exits, agreement = totals(counts, samples[0])
-        if not np.isfinite(diffs[0]):
+        lowest = min(totals(c, samples[0])[1] for c in theirs.values())
+        if agreement < lowest and diffs[0] >= 0:  # more exits than they reach higher up: they may lower theirs
             print(f"| {name} | {exits:.3f} | {agreement:.1%} | not measured this low | – | – | – |")
             continue
-        boot = np.array(diffs[1:])
-        boot = boot[np.isfinite(boot)]  # resamples where this agreement fell below all of theirs
-        low, high = np.percentile(boot, [5, 95])
-        print(f"| {name} | {exits:.3f} | {agreement:.1%} | {exits - diffs[0]:.3f} | {diffs[0]:+.3f} | "
-              f"{low:+.3f} to {high:+.3f} | {np.mean(boot > 0):.0%} of {len(boot)} |")
+        higher = f" (at {lowest:.1%})" if agreement < lowest else ""  # they exit more with more agreement
+        low, high = np.percentile(diffs[1:], [5, 95])
+        print(f"| {name} | {exits:.3f} | {agreement:.1%} | {exits - diffs[0]:.3f}{higher} | {diffs[0]:+.3f} | "
+              f"{low:+.3f} to {high:+.3f} | {np.mean(np.array(diffs[1:]) > 0):.0%} |")
 
 
 if __name__ == "__main__":
