@@ -21,6 +21,7 @@ namespace py = pybind11;
 namespace {
 
 using float_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using int_array   = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
 class Weights {
   public:
@@ -175,7 +176,7 @@ class DraftHead {
         }
     }
 
-    std::vector<int32_t> propose(const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & tokens, int32_t k) {
+    std::vector<int32_t> propose(const int_array & tokens, int32_t k) {
         std::vector<int32_t> out(std::max(k, 0));
         int32_t n;
         {
@@ -186,25 +187,20 @@ class DraftHead {
         return out;
     }
 
-    // merged with prompt lookup (specee_head_lookup_propose): the candidates and lookup's flags
-    std::pair<std::vector<int32_t>, std::vector<bool>> lookup_propose(
-            const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & tokens, int32_t k, int32_t lead,
-            int32_t max_ngram, int32_t window) {
-        if (max_ngram < 1 || window < 1) throw py::value_error("prompt lookup needs max_ngram and window of at least 1");
-        if (lead < 0) throw py::value_error("lead: how many of the head's candidates come first, at least 0");
-        std::vector<int32_t> out(std::max(k, 0));
-        std::vector<uint8_t> matched(out.size());
-        int32_t n;
-        {
-            py::gil_scoped_release release;
-            n = specee_head_lookup_propose(h_.get(), tokens.data(), (int32_t) tokens.size(), k, lead, max_ngram, window,
-                                           out.data(), matched.data());
-        }
-        out.resize(n);
-        return {out, std::vector<bool>(matched.begin(), matched.begin() + n)};
+    // merged with prompt lookup (specee_head_lookup_propose)
+    std::vector<int32_t> lookup_propose(const int_array & tokens, int32_t k, int32_t lead, int32_t max_ngram, int32_t window) {
+        return merged(tokens, k, lead, max_ngram, window, nullptr);
     }
 
-    bool prefill(const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & tokens) {
+    // the same with the flags the exit controller's unmatched threshold reads
+    std::pair<std::vector<int32_t>, std::vector<bool>> lookup_propose_flagged(const int_array & tokens, int32_t k,
+                                                                              int32_t lead, int32_t max_ngram, int32_t window) {
+        std::vector<uint8_t> matched(std::max(k, 0));
+        std::vector<int32_t> ids = merged(tokens, k, lead, max_ngram, window, matched.data());
+        return {ids, std::vector<bool>(matched.begin(), matched.begin() + ids.size())};
+    }
+
+    bool prefill(const int_array & tokens) {
         py::gil_scoped_release release;
         return specee_head_prefill(h_.get(), tokens.data(), (int32_t) tokens.size());
     }
@@ -223,6 +219,22 @@ class DraftHead {
     specee_head * get() { return h_.get(); }
 
   private:
+    // matched: NULL, or room for k flags
+    std::vector<int32_t> merged(const int_array & tokens, int32_t k, int32_t lead, int32_t max_ngram, int32_t window,
+                                uint8_t * matched) {
+        if (max_ngram < 1 || window < 1) throw py::value_error("prompt lookup needs max_ngram and window of at least 1");
+        if (lead < 0) throw py::value_error("lead: how many of the head's candidates come first, at least 0");
+        std::vector<int32_t> out(std::max(k, 0));
+        int32_t n;
+        {
+            py::gil_scoped_release release;
+            n = specee_head_lookup_propose(h_.get(), tokens.data(), (int32_t) tokens.size(), k, lead, max_ngram, window,
+                                           out.data(), matched);
+        }
+        out.resize(n);
+        return out;
+    }
+
     struct deleter { void operator()(specee_head * h) const { specee_head_free(h); } };
     int32_t n_embd_;
     std::unique_ptr<specee_head, deleter> h_;
@@ -362,8 +374,10 @@ PYBIND11_MODULE(_native, m) {
              "top-k target ids for the token after the context (empty when a feature is missing)")
         .def("lookup_propose", &DraftHead::lookup_propose, py::arg("tokens"), py::arg("k"), py::arg("lead"),
              py::arg("max_ngram") = 3, py::arg("window") = 1024,
-             "(ids, matched): the head's top lead, then prompt-lookup matches, then the head's next; matched: "
-             "whether lookup found each")
+             "the head's top lead, then prompt-lookup matches, then the head's next")
+        .def("lookup_propose_flagged", &DraftHead::lookup_propose_flagged, py::arg("tokens"), py::arg("k"), py::arg("lead"),
+             py::arg("max_ngram") = 3, py::arg("window") = 1024,
+             "(ids, matched): lookup_propose's candidates and whether lookup found each")
         .def("prefill", &DraftHead::prefill, py::arg("tokens"),
              "after a prompt: run the rows its tokens determine (False when a feature is missing)")
         .def("time_lm_head", [](DraftHead & h, int32_t n_runs) { return specee_head_time_lm_head(h.get(), n_runs); },

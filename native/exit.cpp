@@ -193,12 +193,15 @@ bool specee_exit_check_layer(specee_exit * e, int32_t il, const float * hidden) 
     const float score = e->mlp[il].score(e->features.data(), e->n_features);
     e->step.last_score = score;
     e->step.predictor_us += micros_since(t0);
-    if (!(score > std::min(e->threshold, e->threshold_unmatched))) return false;
     // the exit token's own bar: prompt lookup's matches and the drafter's other candidates differ in how
     // often an exit on them is wrong and in how much the K/V holes of a masked exit cost later tokens
     const auto passes = [&](int32_t c) { return score > (e->cand_matched[c] ? e->threshold : e->threshold_unmatched); };
-
     const int32_t k = (int32_t) e->cand.size();
+    // no candidate's bar passed: no exit, and verify need not run its full LM head
+    bool any_passes = false;
+    for (int32_t c = 0; c < k && !any_passes; ++c) any_passes = passes(c);
+    if (!any_passes) return false;
+
     if (e->rule == SPECEE_RULE_CANDIDATES) {
         const float * lc = e->features.data();
         const int32_t best = (int32_t) (std::max_element(lc, lc + k) - lc);
@@ -207,10 +210,6 @@ bool specee_exit_check_layer(specee_exit * e, int32_t il, const float * hidden) 
         for (int32_t c = 0; c < k; ++c) e->logits[e->cand[c]] = lc[c];
         return exit_at(e, il, e->cand[best]);
     }
-    // the full LM head only when some candidate could still exit (none may, when all are unmatched)
-    bool any_passes = false;
-    for (int32_t c = 0; c < k && !any_passes; ++c) any_passes = passes(c);
-    if (!any_passes) return false;
     const int32_t token = full_lm_head(e);
     const auto it = std::find(e->cand.begin(), e->cand.end(), token);
     if (it == e->cand.end() || !passes((int32_t) (it - e->cand.begin()))) return false;

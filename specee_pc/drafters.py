@@ -147,11 +147,11 @@ class HeadLookupDrafter(HeadDrafter):
     def propose(self, context: Sequence[int], k: int) -> List[int]:
         # one native call: Python's share of this, on the caches a target step leaves, was 0.03-0.05 ms
         # (empty when there are no hidden states for this position: nothing to draft from)
-        return self.propose_flagged(context, k)[0]
+        return self.head.lookup_propose(np.asarray(context, dtype=np.int32), k, self.lead)
 
     def propose_flagged(self, context: Sequence[int], k: int) -> Tuple[List[int], List[bool]]:
         """The candidates and which of them lookup found, from the same native call."""
-        return self.head.lookup_propose(np.asarray(context, dtype=np.int32), k, self.lead)
+        return self.head.lookup_propose_flagged(np.asarray(context, dtype=np.int32), k, self.lead)
 
 
 HEAD_DRAFTERS = {"head": HeadDrafter, "head+lookup": HeadLookupDrafter}  # the drafters a file's head runs

@@ -83,9 +83,9 @@ class ExitEngine:
         if threshold is None:
             threshold = predictors.threshold if predictors else 0.5
         # candidates prompt lookup did not find in the context may be held to a stricter bar
-        self.threshold_unmatched = threshold if threshold_unmatched is None else threshold_unmatched
-        self.controller.set_rule(EXIT_RULES[rule], threshold, self.threshold_unmatched)
-        self.flags_matches = self.threshold_unmatched != threshold
+        threshold_unmatched = threshold if threshold_unmatched is None else threshold_unmatched
+        self.controller.set_rule(EXIT_RULES[rule], threshold, threshold_unmatched)
+        self.flags_matches = threshold_unmatched != threshold
         self.set_forced(force_exit_layers)
         offline = offline_layers if offline_layers is not None else (predictors.offline_layers if predictors else [])
         bad = [il for il in offline if not 0 <= il <= n_layer - 2]
@@ -96,7 +96,7 @@ class ExitEngine:
         self.schedule = ExitSchedule(n_layer, offline, offsets)
         # a threshold a sigmoid never passes turns exits off: then do not score at all
         self.has_predictors = (predictors is not None and bool(predictors.layers)
-                               and min(threshold, self.threshold_unmatched) < 1.0)
+                               and min(threshold, threshold_unmatched) < 1.0)
         self.hook = hook
         hook.set_exit(self.controller, False)
         self.stats = ExitStats(n_layer)
@@ -136,10 +136,9 @@ class ExitEngine:
         """Choose candidates and layers for the step decoding context[-1]; True if it may exit."""
         start = time.perf_counter()
         candidates, matched = [], []
-        if self.has_predictors and self.flags_matches:
-            candidates, matched = propose_flagged(self.drafter, context, self.k)
-        elif self.has_predictors:
-            candidates = self.drafter.propose(context, self.k)
+        if self.has_predictors:
+            candidates, matched = (propose_flagged(self.drafter, context, self.k) if self.flags_matches
+                                   else (self.drafter.propose(context, self.k), []))
         usable = len(candidates) == self.k
         self.stats.drafter_ms += (time.perf_counter() - start) * 1e3
         self.controller.set_candidates(candidates if usable else [], matched if usable else [])

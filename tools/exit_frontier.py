@@ -68,23 +68,27 @@ def totals(counts: np.ndarray, sample: np.ndarray):
     return s[0] / max(s[1], 1), s[2] / max(s[3], 1)
 
 
-def frontier_at(points, agreement: float) -> float:
-    """The other drafter's exits per step at this agreement, read off its trade-off curve: the
-    upper concave hull of its configurations (mixing two thresholds reaches any point on the line
-    between them), anchored at no exits and full agreement (exits off), taking the best at this
-    agreement or higher (below its lowest measured agreement: its most exits, reached higher up)."""
+def trade_off_curve(points):
+    """The other drafter's trade-off curve, (agreement, exits) with agreement rising: the upper
+    concave hull of its configurations (mixing two thresholds reaches any point on the line
+    between them), anchored at no exits and full agreement (exits off)."""
     best = {1.0: 0.0}  # the most exits at each agreement
-    for exits, agreement_ in points:
-        best[agreement_] = max(exits, best.get(agreement_, 0.0))
-    hull = []  # (agreement, exits), agreement rising
+    for exits, agreement in points:
+        best[agreement] = max(exits, best.get(agreement, 0.0))
+    hull = []
     for point in sorted(best.items()):
         # drop the last point while it lies on or under the line from the one before to this one
         while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (point[1] - hull[-2][1])
                                   >= (hull[-1][1] - hull[-2][1]) * (point[0] - hull[-2][0])):
             hull.pop()
         hull.append(point)
-    on_hull = float(np.interp(agreement, [a for a, _ in hull], [e for _, e in hull]))
-    return max([on_hull] + [e for a, e in hull if a >= agreement])
+    return hull
+
+
+def exits_at(curve, agreement: float) -> float:
+    """The curve's best at this agreement or higher (below its lowest: its most exits, reached higher up)."""
+    on_curve = float(np.interp(agreement, [a for a, _ in curve], [e for _, e in curve]))
+    return max([on_curve] + [e for a, e in curve if a >= agreement])
 
 
 def main():
@@ -108,13 +112,14 @@ def main():
     print(f"| {args.drafter} configuration | exits/step | agreement | {args.against} at that agreement "
           f"| difference | 90% interval | resamples ahead |")
     print("|---|---|---|---|---|---|---|")
+    curves = [trade_off_curve([totals(c, sample) for c in theirs.values()]) for sample in samples]
+    lowest = min(totals(c, samples[0])[1] for c in theirs.values())
     for name, counts in sorted(ours.items(), key=lambda item: -totals(item[1], samples[0])[1]):
         diffs = []
-        for sample in samples:
+        for sample, curve in zip(samples, curves):
             exits, agreement = totals(counts, sample)
-            diffs.append(exits - frontier_at([totals(c, sample) for c in theirs.values()], agreement))
+            diffs.append(exits - exits_at(curve, agreement))
         exits, agreement = totals(counts, samples[0])
-        lowest = min(totals(c, samples[0])[1] for c in theirs.values())
         if agreement < lowest and diffs[0] >= 0:  # more exits than they reach higher up: they may lower theirs
             print(f"| {name} | {exits:.3f} | {agreement:.1%} | not measured this low | – | – | – |")
             continue

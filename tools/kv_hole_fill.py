@@ -132,7 +132,8 @@ def main() -> int:
         total = measure(args, reference, drafter, float(threshold), predictor, prompts)
         lines.append(row(drafter, float(threshold), total))
         print(lines[-1], file=sys.stderr, flush=True)
-        matches.append(match_row(drafter, float(threshold), total))
+        if args.by_match:
+            matches.append(match_row(drafter, float(threshold), total))
     if args.by_match:
         lines += matches
     if args.output:

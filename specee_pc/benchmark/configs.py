@@ -68,9 +68,13 @@ def resolve_predictor(predictor: str, model: str, weights) -> str:
     return path
 
 
+def unmatched_suffix(threshold: float, threshold_unmatched: Optional[float]) -> str:
+    """What names and plot labels add for an unmatched threshold of its own (nothing when it is the threshold)."""
+    return "" if threshold_unmatched in (None, threshold) else f" unmatched {threshold_unmatched:.2f}"
+
+
 def specee_name(policy: str, drafter: str, rule: str, threshold: float, threshold_unmatched: Optional[float] = None) -> str:
-    unmatched = "" if threshold_unmatched in (None, threshold) else f" unmatched {threshold_unmatched:.2f}"
-    return f"specee {policy} {drafter} {rule} {threshold:.2f}{unmatched}"
+    return f"specee {policy} {drafter} {rule} {threshold:.2f}{unmatched_suffix(threshold, threshold_unmatched)}"
 
 
 def file_drafters(predictor, models: BenchModels) -> List[str]:

@@ -5,6 +5,8 @@ from typing import List
 
 import numpy as np
 
+from .configs import unmatched_suffix
+
 
 def plot_report(report: dict, prefix: str) -> List[str]:
     """Writes PREFIX-threshold.png and PREFIX-exit-layers.png; returns their paths."""
@@ -22,8 +24,7 @@ def plot_report(report: dict, prefix: str) -> List[str]:
     groups = {}
     for c in specee:
         o = c["options"]
-        unmatched = o.get("threshold_unmatched")  # absent in reports made before it existed
-        bar = "" if unmatched in (None, o["threshold"]) else f" unmatched {unmatched:.2f}"
+        bar = unmatched_suffix(o["threshold"], o.get("threshold_unmatched"))  # absent in older reports
         groups.setdefault(f"{o['kv_policy']} {o['drafter']} {o['exit_rule']}{bar}", []).append(c)
     for label, members in groups.items():
         members.sort(key=lambda c: c["options"]["threshold"])
