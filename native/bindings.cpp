@@ -169,6 +169,10 @@ class DraftHead {
         return std::vector<int32_t>(v, v + info_.n_draft_vocab);
     }
 
+    float_array logits() const {
+        return float_array(info_.n_draft_vocab, specee_head_logits(h_.get()));
+    }
+
     void set_features(int32_t pos, const float_array & hidden) {
         if (hidden.ndim() != 2 || hidden.shape(1) != n_embd_) throw py::value_error("features must be [n, n_embd]");
         if (!specee_head_set_features(h_.get(), pos, (int32_t) hidden.shape(0), hidden.data())) {
@@ -367,6 +371,7 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("rows_run", [](DraftHead & h) { return specee_head_rows_run(h.get()); },
                                "rows computed since creation")
         .def("vocab", &DraftHead::vocab)
+        .def("logits", &DraftHead::logits)
         .def("reset", [](DraftHead & h) { specee_head_reset(h.get()); }, "forget every stored feature and cached row")
         .def("set_features", &DraftHead::set_features, py::arg("pos"), py::arg("hidden"),
              "the target's hidden states (before the final norm) at positions pos, pos+1, ...")

@@ -466,6 +466,10 @@ const int32_t * specee_head_vocab(const specee_head * h) {
     return h->vocab.data();
 }
 
+const float * specee_head_logits(const specee_head * h) {
+    return h->logits.data();
+}
+
 void specee_head_reset(specee_head * h) {
     std::fill(h->have.begin(), h->have.end(), 0);
     h->cache_tokens.clear();

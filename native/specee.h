@@ -149,6 +149,7 @@ void                 specee_head_free(struct specee_head * h);
 
 struct specee_head_info specee_head_get_info(const struct specee_head * h);
 const int32_t *         specee_head_vocab(const struct specee_head * h); // [n_draft_vocab] target ids
+const float *           specee_head_logits(const struct specee_head * h); // [n_draft_vocab] of the last proposal
 
 // Forgets every stored feature and cached row (the target's cache was replaced, e.g. by a saved state).
 void specee_head_reset(struct specee_head * h);

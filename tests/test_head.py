@@ -145,6 +145,7 @@ def test_proposals_follow_rollbacks(llm, shipped, trace):
     head.set_features(0, hidden)
     for t in range(n_prompt, len(tokens)):
         assert head.propose(tokens[:t], 4) == expected(t)
+        np.testing.assert_allclose(head.logits(), logits[t - 2], atol=1e-4)  # the proposal's own logits
     other = tokens.copy()
     other[n_prompt + 3] = (other[n_prompt + 3] + 1) % llm.weights.n_vocab  # a rejected token: rows from there rerun
     head.propose(other, 4)

@@ -10,7 +10,9 @@ difference; below the other drafter's lowest measured agreement only its being a
 (more exits at a higher agreement) says anything. The prompts are few and they move both numbers, so the difference
 comes with a paired bootstrap over prompts (every configuration resampled with the same prompts).
 Reports must hold the same prompts, token counts and policy (several reports' configurations
-are pooled: one threshold sweep can be extended by another).
+are pooled: one threshold sweep can be extended by another). --against-reports are read for the
+other drafter's configurations alone, so an experiment that re-runs configurations under their
+old names (tools/head_confidence_gate.py) compares with earlier sweeps.
 
     python tools/exit_frontier.py results/bench-smollm2-mask-unmatched.json \\
         results/bench-smollm2-mask-unmatched-pairs.json --drafter head+lookup --against ngram
@@ -18,7 +20,7 @@ are pooled: one threshold sweep can be extended by another).
 import argparse
 import json
 import sys
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import numpy as np
 
@@ -41,10 +43,11 @@ def per_prompt_counts(path: str, report: dict) -> Dict[str, np.ndarray]:
     return counts
 
 
-def load(paths: List[str]):
-    """The pooled configurations (name -> (drafter, counts)) of reports on the same prompts and policy."""
+def load(paths: List[str], against_only: Sequence[str] = (), against: str = ""):
+    """The pooled configurations (name -> (drafter, counts)) of reports on the same prompts and
+    policy; of the against_only reports, only the `against` drafter's."""
     configs, prompts, policies = {}, None, set()
-    for path in paths:
+    for path, only in [(p, None) for p in paths] + [(p, against) for p in against_only]:
         with open(path) as f:
             report = json.load(f)
         these = [(p["name"], p["tokens"]) for p in report["prompts"]]
@@ -53,6 +56,8 @@ def load(paths: List[str]):
         prompts = these
         options = {c["name"]: c["options"] for c in report["configs"]}
         for name, counts in per_prompt_counts(path, report).items():
+            if only is not None and options[name]["drafter"] != only:
+                continue
             if name in configs:
                 sys.exit(f"{path}: {name} is in an earlier report too; pool each configuration once")
             policies.add(options[name]["kv_policy"])
@@ -96,11 +101,14 @@ def main():
     ap.add_argument("reports", nargs="+", help="bench JSON reports (-o PREFIX writes PREFIX.json)")
     ap.add_argument("--drafter", default="head+lookup", help="the drafter whose configurations are compared")
     ap.add_argument("--against", default="ngram", help="the drafter compared with")
+    ap.add_argument("--against-reports", nargs="+", default=[], metavar="REPORT",
+                    help="reports read for the --against drafter's configurations only (their own "
+                         "--drafter configurations may share names with the reports compared)")
     ap.add_argument("--samples", type=int, default=2000, help="bootstrap resamples of the prompts")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    configs, n_prompts = load(args.reports)
+    configs, n_prompts = load(args.reports, args.against_reports, args.against)
     ours = {n: c for n, (d, c) in configs.items() if d == args.drafter}
     theirs = {n: c for n, (d, c) in configs.items() if d == args.against}
     if not ours or not theirs:
