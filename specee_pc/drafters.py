@@ -48,21 +48,28 @@ class NgramDrafter:
         self.search_window = search_window
 
     def propose(self, context: Sequence[int], k: int) -> List[int]:
-        return self.propose_flagged(context, k)[0]
+        found = lookup_matches(context, k, self.max_ngram, self.search_window)
+        return found + self.frequent(context, k - len(found), found)
 
     def propose_flagged(self, context: Sequence[int], k: int) -> Tuple[List[int], List[bool]]:
         """The candidates, and which of them lookup found (the rest are frequent tokens)."""
         found = lookup_matches(context, k, self.max_ngram, self.search_window)
-        candidates = list(found)
-        if len(candidates) < k:
-            tokens, first, counts = np.unique(np.asarray(context[-self.search_window:]), return_index=True,
-                                              return_counts=True)
-            for token in tokens[np.lexsort((first, -counts))]:  # most frequent first; ties: earliest
-                if len(candidates) == k:
-                    break
-                if token not in found:
-                    candidates.append(int(token))
-        return candidates, [i < len(found) for i in range(len(candidates))]
+        fill = self.frequent(context, k - len(found), found)
+        return found + fill, [True] * len(found) + [False] * len(fill)
+
+    def frequent(self, context: Sequence[int], n: int, taken: List[int]) -> List[int]:
+        """Up to n of the window's most frequent tokens not in taken (ties: the earliest first)."""
+        if n <= 0:
+            return []
+        tokens, first, counts = np.unique(np.asarray(context[-self.search_window:]), return_index=True,
+                                          return_counts=True)
+        fill = []
+        for token in tokens[np.lexsort((first, -counts))]:
+            if len(fill) == n:
+                break
+            if token not in taken:
+                fill.append(int(token))
+        return fill
 
 
 def open_draft_model(path: str, *, target_vocab: int, n_ctx: int, n_threads: int, n_gpu_layers: int = 0):

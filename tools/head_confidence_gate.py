@@ -17,8 +17,8 @@ Every other argument is the bench's (`specee-pc bench --help`). On SmolLM2-135M 
 (results/exit-frontier-smollm2-mask-head-confident.md).
 """
 import argparse
-import functools
 import sys
+import weakref
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -27,10 +27,7 @@ from specee_pc.cli import bench
 from specee_pc.drafters import HeadLookupDrafter
 
 
-@functools.lru_cache(maxsize=None)
-def vocab_index(head) -> dict:
-    """Target id -> its row in the head's draft vocabulary (once per head)."""
-    return {token: i for i, token in enumerate(head.vocab())}
+_vocab_index = weakref.WeakKeyDictionary()  # drafter -> {target id: its row in the head's draft vocabulary}
 
 
 def confident_flags(drafter: HeadLookupDrafter, context: Sequence[int], k: int,
@@ -42,7 +39,9 @@ def confident_flags(drafter: HeadLookupDrafter, context: Sequence[int], k: int,
     logits = drafter.head.logits().astype(np.float64)  # this proposal's draft-vocabulary logits
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
-    index = vocab_index(drafter.head)
+    index = _vocab_index.get(drafter)
+    if index is None:  # once per drafter (the bench holds one per configuration)
+        index = _vocab_index[drafter] = {token: i for i, token in enumerate(drafter.head.vocab())}
     return ids, [m or (c in index and probs[index[c]] >= confidence) for c, m in zip(ids, matched)]
 
 
