@@ -191,6 +191,21 @@ class DraftHead {
         return out;
     }
 
+    // a chain of greedy drafts and their probabilities (specee_head_draft)
+    std::pair<std::vector<int32_t>, std::vector<float>> draft(const int_array & tokens, int32_t n_draft) {
+        if (n_draft < 1) throw py::value_error("draft: n_draft must be at least 1");
+        std::vector<int32_t> out(n_draft);
+        std::vector<float> probs(n_draft);
+        int32_t n;
+        {
+            py::gil_scoped_release release;
+            n = specee_head_draft(h_.get(), tokens.data(), (int32_t) tokens.size(), n_draft, out.data(), probs.data());
+        }
+        out.resize(n);
+        probs.resize(n);
+        return {out, probs};
+    }
+
     // merged with prompt lookup (specee_head_lookup_propose)
     std::vector<int32_t> lookup_propose(const int_array & tokens, int32_t k, int32_t lead, int32_t max_ngram, int32_t window) {
         return merged(tokens, k, lead, max_ngram, window, nullptr);
@@ -377,6 +392,9 @@ PYBIND11_MODULE(_native, m) {
              "the target's hidden states (before the final norm) at positions pos, pos+1, ...")
         .def("propose", &DraftHead::propose, py::arg("tokens"), py::arg("k"),
              "top-k target ids for the token after the context (empty when a feature is missing)")
+        .def("draft", &DraftHead::draft, py::arg("tokens"), py::arg("n_draft"),
+             "(ids, probs): a chain of n_draft greedy drafts after the context, each reading the head's own "
+             "predicted feature; empty when a feature is missing")
         .def("lookup_propose", &DraftHead::lookup_propose, py::arg("tokens"), py::arg("k"), py::arg("lead"),
              py::arg("max_ngram") = 3, py::arg("window") = 1024,
              "the head's top lead, then prompt-lookup matches, then the head's next")
@@ -400,6 +418,22 @@ PYBIND11_MODULE(_native, m) {
           },
           py::arg("tokens"), py::arg("k"), py::arg("max_ngram") = 3, py::arg("window") = 1024,
           "prompt lookup: up to k tokens that followed the context's last n-gram, longest and latest first");
+
+    m.def("lookup_continuation",
+          [](const py::array_t<int32_t, py::array::c_style> & tokens, int32_t min_ngram, int32_t max_ngram,
+             int32_t window, int32_t max_len) {
+              if (tokens.ndim() != 1) throw py::value_error("lookup_continuation: tokens must be one-dimensional");
+              if (min_ngram < 1 || max_ngram < min_ngram || window < 2 || max_len < 1) {
+                  throw py::value_error("lookup_continuation: need 1 <= min_ngram <= max_ngram, window >= 2, max_len >= 1");
+              }
+              std::vector<int32_t> out(max_len);
+              int32_t match = 0;
+              out.resize(specee_lookup_continuation(tokens.data(), (int32_t) tokens.size(), min_ngram, max_ngram, window,
+                                                    max_len, out.data(), &match));
+              return std::make_pair(out, match);
+          },
+          py::arg("tokens"), py::arg("min_ngram"), py::arg("max_ngram"), py::arg("window"), py::arg("max_len"),
+          "(tokens, n-gram length): what followed the latest earlier occurrence of the longest suffix n-gram");
 
     py::class_<Hook>(m, "Hook", "Native eval callback that captures per-layer hidden states")
         .def(py::init<int32_t, int32_t>(), py::arg("n_layer"), py::arg("n_embd"))

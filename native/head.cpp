@@ -111,6 +111,7 @@ struct specee_head {
     std::vector<int32_t> cache_tokens; // token of each cached row (row j holds token j + 1)
     int64_t              rows_run = 0; // rows computed so far (what a proposal cost)
     std::vector<float>   logits;      // last row's draft-vocabulary logits
+    std::vector<float>   last_hidden; // last row's hidden state: the feature it predicts
     std::vector<uint8_t> graph_meta;  // tensor and graph structs of a multi-row graph
     std::vector<uint8_t> step_meta;   // ... of the step graph
     head_graph           step;
@@ -380,6 +381,8 @@ bool run_rows(specee_head * h, const int32_t * tokens, int32_t p0, int32_t n, fl
     if (ok) {
         if (out_hidden) ggml_backend_tensor_get(g->hidden, out_hidden, 0, ggml_nbytes(g->hidden));
         ggml_backend_tensor_get(g->logits, out_logits ? out_logits : h->logits.data(), 0, ggml_nbytes(g->logits));
+        const size_t row_bytes = (size_t) h->info.n_embd * sizeof(float);
+        ggml_backend_tensor_get(g->hidden, h->last_hidden.data(), (size_t) (n - 1) * row_bytes, row_bytes);
         h->cache_tokens.insert(h->cache_tokens.end(), tokens + p0 + 1, tokens + p0 + n + 1);
         h->rows_run += n;
     }
@@ -431,6 +434,7 @@ specee_head * specee_head_init_from_file(const char * path, const specee_weights
         h->features.assign((size_t) h->n_ctx * h->info.n_embd, 0.0f);
         h->have.assign(h->n_ctx, 0);
         h->logits.resize(h->info.n_draft_vocab);
+        h->last_hidden.resize(h->info.n_embd);
         h->graph_meta.resize(ggml_tensor_overhead() * GRAPH_SIZE + ggml_graph_overhead_custom(GRAPH_SIZE, false));
         h->step_meta.resize(h->graph_meta.size());
         reserve_step_graph(h);
@@ -533,6 +537,36 @@ int32_t specee_head_propose(specee_head * h, const int32_t * tokens, int32_t n, 
     }
     for (int32_t i = 0; i < k; ++i) out[i] = h->vocab[out[i]];
     return k;
+}
+
+int32_t specee_head_draft(specee_head * h, const int32_t * tokens, int32_t n, int32_t n_draft, int32_t * out, float * probs) {
+    if (n < 2 || n_draft < 1 || n + n_draft - 2 > h->n_ctx || !sync_rows(h, tokens, n - 1)) return 0;
+    // chain rows read predicted features at positions first.. : the real ones (or none) come back after
+    const int32_t d = h->info.n_embd, first = n - 1, n_saved = n_draft - 1;
+    const size_t f0 = (size_t) first * d;
+    std::vector<float>   saved_features(h->features.begin() + f0, h->features.begin() + f0 + (size_t) n_saved * d);
+    std::vector<uint8_t> saved_have(h->have.begin() + first, h->have.begin() + first + n_saved);
+    std::vector<int32_t> chain(tokens, tokens + n);
+    int32_t m = 0;
+    for (;;) {
+        const float * l = h->logits.data();
+        const int32_t best = (int32_t) (std::max_element(l, l + h->info.n_draft_vocab) - l);
+        double sum = 0.0;
+        for (int32_t i = 0; i < h->info.n_draft_vocab; ++i) sum += std::exp((double) (l[i] - l[best]));
+        out[m]   = h->vocab[best];
+        probs[m] = (float) (1.0 / sum);
+        if (++m == n_draft) break;
+        // the row just run predicted the feature at the position of the token it read
+        const int32_t p = first + m - 1;
+        std::copy(h->last_hidden.begin(), h->last_hidden.end(), h->features.begin() + (size_t) p * d);
+        h->have[p] = 1;
+        chain.push_back(out[m - 1]);
+        if (!run_rows(h, chain.data(), p, 1, nullptr, nullptr, false)) break;
+    }
+    std::copy(saved_features.begin(), saved_features.end(), h->features.begin() + f0);
+    std::copy(saved_have.begin(), saved_have.end(), h->have.begin() + first);
+    if ((int32_t) h->cache_tokens.size() > first) h->cache_tokens.resize(first);
+    return m;
 }
 
 bool specee_head_forward(specee_head * h, const int32_t * tokens, int32_t n, float * out_hidden, float * out_logits) {

@@ -31,6 +31,28 @@ int32_t specee_lookup_matches(const int32_t * tokens, int32_t n, int32_t k, int3
     return found;
 }
 
+int32_t specee_lookup_continuation(const int32_t * tokens, int32_t n, int32_t min_ngram, int32_t max_ngram,
+                                   int32_t window, int32_t max_len, int32_t * out, int32_t * match_len) {
+    *match_len = 0;
+    if (n < 2 || min_ngram < 1 || max_ngram < min_ngram || window < 2 || max_len < 1) return 0;
+    const int32_t * tail = tokens + std::max(0, n - window);
+    n = std::min(n, window);
+    // the most recent occurrence of the longest suffix: one pass, keeping the best match
+    int32_t best_len = 0, best_j = -1;
+    for (int32_t j = n - 2; j >= 0 && best_len < max_ngram; --j) {
+        const int32_t len = match_length(tail, n, j, max_ngram);
+        if (len > best_len) {
+            best_len = len;
+            best_j   = j;
+        }
+    }
+    if (best_len < min_ngram) return 0;
+    *match_len = best_len;
+    int32_t m = 0;
+    for (int32_t i = best_j + 1; i < n && m < max_len; ++i) out[m++] = tail[i];
+    return m;
+}
+
 int32_t specee_head_lookup_propose(struct specee_head * h, const int32_t * tokens, int32_t n, int32_t k, int32_t lead,
                                    int32_t max_ngram, int32_t window, int32_t * out, uint8_t * matched) {
     if (k <= 0) return 0;

@@ -163,6 +163,15 @@ bool specee_head_set_features(struct specee_head * h, int32_t pos, int32_t n, co
 // tokens[n-1] into out. Returns how many were written: 0 when a feature is missing.
 int32_t specee_head_propose(struct specee_head * h, const int32_t * tokens, int32_t n, int32_t k, int32_t * out);
 
+// A chain of n_draft greedy drafts after tokens[0..n), n >= 2 (EAGLE-1): the top-1 token of the
+// last row, then rows that read the head's own predicted feature (its hidden state, which
+// predicts the target's normed one) and the draft before, each proposing the next. Writes the
+// target ids to out and their probabilities (softmax over the draft vocabulary) to probs.
+// The chain's rows are not kept: the target's real features replace theirs. Returns how many
+// were written: 0 when a feature is missing.
+int32_t specee_head_draft(struct specee_head * h, const int32_t * tokens, int32_t n, int32_t n_draft, int32_t * out,
+                          float * probs);
+
 // After a prompt: runs the rows its tokens determine (rows 0..n-2 of tokens[0..n); row n-1 reads
 // the token decoding emits next), so the proposal after it runs one row. Returns false when a
 // feature is missing.
@@ -193,6 +202,13 @@ const char * specee_cpu_extra_buffer_type_name(int32_t i);
 // occurrences first. Writes them to out and returns how many.
 int32_t specee_lookup_matches(const int32_t * tokens, int32_t n, int32_t k, int32_t max_ngram, int32_t window,
                               int32_t * out);
+
+// Prompt lookup's chain: the tokens that followed the most recent earlier occurrence of the
+// longest n-gram (max_ngram down to min_ngram) that ends tokens[0..n), within its last `window`
+// tokens, up to max_len of them. Writes them to out, the n-gram's length to match_len (0: no
+// match) and returns how many.
+int32_t specee_lookup_continuation(const int32_t * tokens, int32_t n, int32_t min_ngram, int32_t max_ngram,
+                                   int32_t window, int32_t max_len, int32_t * out, int32_t * match_len);
 
 // The head+lookup drafter in one call: the head's top `lead` (specee_head_propose), then the
 // lookup matches, then the head's next, without repeats, k in all. Native because it runs

@@ -15,7 +15,11 @@ from llama_cpp import _internals as internals
 from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_tokenizer import LlamaTokenizer
 
+from . import control as control_mod
+from .chains import CHAIN_DRAFTERS, DraftModelChain, HeadChain, HeadLookupChain, LookupChain
+from .control import BatchCosts, SpeculationControl, SpeculationStats
 from .cpu_backend import AMX_FIX, has_amx_store
+from .decode import speculative_generate
 from .default_model import shipped_predictor_path
 from .drafters import DRAFTER_NAMES, HEAD_DRAFTERS, DraftModelDrafter, Drafter, NgramDrafter
 from .engine import ExitEngine, ExitStats
@@ -24,11 +28,22 @@ from .hook import LayerHook
 from .model_file import open_weights
 from .offload import offload_first_layers
 from .predictor_file import PredictorFile, read_predictor_file
+from .runtime import Target
 from .stats import GenerationStats
 
 
 class Llama(llama_cpp.Llama):
     """A `llama_cpp.Llama` (same arguments and methods) that specee-pc can observe layer by layer.
+
+    Speculative decoding (lossless; off unless `speculate` is given; see configure_speculation):
+        speculate          "auto": the draft head of the predictor file (`predictor`, or the one
+                           shipped for this model) merged with prompt lookup, or prompt lookup
+                           alone when there is no head; "head+lookup", "head", "lookup"; or a
+                           path to a draft GGUF model sharing the target's vocabulary
+        draft_max          the longest chain a round verifies (default 4)
+        draft_length       verify exactly this many drafts when drafted (default: chosen each
+                           round by measured batch costs and tracked acceptance)
+    With speculation on, early exit is off (the predictor file lends it its head only).
 
     Early exit (off unless `predictor` or `force_exit_layers` is given; see configure_exits):
         predictor          path of a predictor GGUF file (or a PredictorFile); "auto": the one
@@ -68,7 +83,8 @@ class Llama(llama_cpp.Llama):
                  exit_threshold: Optional[float] = None, exit_threshold_unmatched: Optional[float] = None,
                  kv_policy: str = "exact", drafter: Union[str, Drafter] = "auto", force_exit_layers: Sequence[int] = (),
                  offline_layers: Optional[Sequence[int]] = None, online_offsets: Optional[Sequence[int]] = None,
-                 offload_first_layers: bool = False, **kwargs):
+                 offload_first_layers: bool = False, speculate: Optional[str] = None, draft_max: int = 4,
+                 draft_length: Optional[int] = None, **kwargs):
         # our own checks first: llama.cpp would only say "failed to load model"
         self.weights = open_weights(model_path)
         n_gpu_layers = kwargs.get("n_gpu_layers", 0)
@@ -99,10 +115,17 @@ class Llama(llama_cpp.Llama):
         self._owned_drafter = None  # a draft model this object loaded (closed with it)
         self._feature_sink = None   # who gets the target's last hidden states after each decode
         self._decoding = False  # prompt processing never exits
-        self.configure_exits(predictor=predictor, exit_rule=exit_rule, exit_threshold=exit_threshold,
-                             exit_threshold_unmatched=exit_threshold_unmatched, kv_policy=kv_policy,
-                             drafter=drafter, force_exit_layers=force_exit_layers,
-                             offline_layers=offline_layers, online_offsets=online_offsets)
+        self._speculation = None  # (chain drafter, control) while speculative decoding is on
+        self._owned_chain = None  # a draft model speculation loaded (closed with it)
+        self.speculation_stats: Optional[SpeculationStats] = None
+        if speculate is not None:
+            self.configure_speculation(speculate, predictor="auto" if predictor is None else predictor,
+                                       draft_max=draft_max, draft_length=draft_length)
+        else:
+            self.configure_exits(predictor=predictor, exit_rule=exit_rule, exit_threshold=exit_threshold,
+                                 exit_threshold_unmatched=exit_threshold_unmatched, kv_policy=kv_policy,
+                                 drafter=drafter, force_exit_layers=force_exit_layers,
+                                 offline_layers=offline_layers, online_offsets=online_offsets)
 
     # ------------------------------------------------------------------ setup
 
@@ -169,9 +192,10 @@ class Llama(llama_cpp.Llama):
                                  f"tensors l_out-<i> for layers {missing[:8]}: specee-pc cannot hook this model")
 
     def close(self) -> None:
-        if getattr(self, "_owned_drafter", None) is not None:
-            self._owned_drafter.close()
-            self._owned_drafter = None
+        for name in ("_owned_drafter", "_owned_chain"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).close()
+                setattr(self, name, None)
         # a constructor that failed on a bad file never reached llama_cpp.Llama.__init__
         if hasattr(self, "_stack"):
             super().close()
@@ -223,6 +247,8 @@ class Llama(llama_cpp.Llama):
                                 threshold_unmatched=exit_threshold_unmatched,
                                 kv_policy=kv_policy, force_exit_layers=force_exit_layers,
                                 offline_layers=offline_layers, online_offsets=online_offsets)
+        if engine is not None:
+            self._stop_speculation()
         if self._hook.n_holes:
             # cached positions with holes are only valid under masking: start from an empty cache
             self._ctx.kv_cache_clear()
@@ -234,6 +260,110 @@ class Llama(llama_cpp.Llama):
             self._owned_drafter.close()
         self._owned_drafter = owned
         self.feed_hidden_states(engine.drafter if engine else None)
+
+    # ------------------------------------------------------------------ speculative decoding
+
+    def configure_speculation(self, drafter: Optional[str] = "auto", *, predictor: Union[str, None] = "auto",
+                              draft_max: int = 4, draft_length: Optional[int] = None, adaptive: bool = True) -> None:
+        """(Re)configure lossless speculative decoding for the next generations (drafter None or
+        "none": off). Early exit is turned off. The first time for a model, thread count and
+        offload, the cost of a decode batch of 1..draft_max+1 tokens is measured (about a
+        second) and cached in the user's cache directory. "auto" takes the predictor file's
+        draft head (merged with prompt lookup) only where those costs let a head pay, else
+        prompt lookup alone."""
+        if drafter is None or drafter == "none":
+            self._stop_speculation()
+            return
+        if not 1 <= draft_max <= 16:
+            raise ValueError(f"draft_max must be in [1, 16], got {draft_max}")
+        if draft_length is not None and not 1 <= draft_length <= draft_max:
+            raise ValueError(f"draft_length must be in [1, draft_max={draft_max}], got {draft_length}")
+        chain, owned = self._chain_drafter(drafter, predictor)
+        try:
+            self.configure_exits(predictor=None)
+            self._stop_speculation()
+            costs = self._batch_costs(draft_max + 1)
+        except BaseException:
+            if owned is not None:
+                owned.close()
+            raise
+        # auto: a head only where it can pay here (a head row costs about a target layer and a half;
+        # its features make prompt processing compute every row's logits)
+        if drafter == "auto" and isinstance(chain, HeadChain) and \
+                control_mod.head_gain(costs, 1.5 * costs(1) / self.weights.n_layer) <= 0.01:
+            chain = LookupChain()
+        self._owned_chain = owned
+        self._speculation = (chain, SpeculationControl(costs, adaptive=adaptive, fixed_length=draft_length))
+        self.feed_hidden_states(chain)
+
+    def _chain_drafter(self, drafter: str, predictor):
+        """The chain drafter named (and the draft model it owns, if any); checked before anything changes."""
+        if drafter in ("auto", "head", "head+lookup"):
+            path = shipped_predictor_path(self.weights) if predictor == "auto" else predictor
+            predictor_file = None
+            if path is not None:
+                predictor_file = read_predictor_file(path)
+                predictor_file.check_model(self.weights, path, self.model_path)
+            has_head = predictor_file is not None and predictor_file.head is not None
+            if drafter == "auto":
+                drafter = "head+lookup" if has_head else "lookup"
+            elif not has_head:
+                raise ValueError(f"speculation with {drafter!r} needs a predictor file with a draft head for this "
+                                 "model (calibrate --head), or use 'lookup'")
+            if drafter != "lookup":
+                kind = HeadLookupChain if drafter == "head+lookup" else HeadChain
+                return kind(path, self.weights, n_ctx=self._n_ctx, n_threads=self.n_threads,
+                            gpu=self._draft_gpu_layers != 0), None
+        if drafter == "lookup":
+            return LookupChain(), None
+        if isinstance(drafter, str) and drafter.endswith(".gguf"):
+            chain = DraftModelChain(drafter, target_vocab=self.weights.n_vocab, n_ctx=self._n_ctx,
+                                    n_threads=self.n_threads, n_gpu_layers=self._draft_gpu_layers)
+            return chain, chain
+        names = ", ".join(repr(name) for name in CHAIN_DRAFTERS)
+        raise ValueError(f"unknown speculation drafter {drafter!r}: use {names}, 'none' or a draft model .gguf path")
+
+    def _stop_speculation(self) -> None:
+        if self._speculation is not None and self._feature_sink is self._speculation[0]:
+            self.feed_hidden_states(None)
+        self._speculation = None
+        if self._owned_chain is not None:
+            self._owned_chain.close()
+            self._owned_chain = None
+
+    def _batch_costs(self, k_max: int) -> BatchCosts:
+        """B(k) for this model, thread count and offload: from the cache, else measured here."""
+        key = control_mod.cost_key(self.model_path, self.n_threads, self._draft_gpu_layers, k_max)
+        cached = control_mod.load_cached_costs(key)
+        if cached is not None and len(cached) == k_max:
+            return BatchCosts(cached, source="cache")
+        self.feed_hidden_states(None)  # no drafter reads these dummy positions
+        target, prefix = Target(self), 16
+        token = max(self.token_bos(), 0)
+        self.reset()
+        self._ctx.kv_cache_clear()
+        target.decode([token] * prefix)
+
+        def decode_batch(k: int) -> None:
+            target.truncate(prefix)
+            target.decode([token] * k)
+
+        def clear() -> None:
+            self._ctx.kv_cache_clear()
+            self.n_tokens = 0
+
+        ms = control_mod.measure_batch_costs(decode_batch, clear, k_max)
+        control_mod.store_cached_costs(key, ms)
+        return BatchCosts(ms)
+
+    @property
+    def speculation_control(self) -> Optional[SpeculationControl]:
+        """Batch costs and tracked acceptance behind speculation's choices (None when it is off)."""
+        return self._speculation[1] if self._speculation else None
+
+    @property
+    def speculation_drafter(self):
+        return self._speculation[0] if self._speculation else None
 
     def feed_hidden_states(self, sink) -> None:
         """After every decode, hand the target's residual stream at its last computed layer (the
@@ -373,6 +503,17 @@ class Llama(llama_cpp.Llama):
             self._requires_eval = True  # llama.cpp's last logits follow the dropped exit token
         return logits
 
+    def _generate_speculative(self, tokens: Sequence[int], reset: bool = True, stopping_criteria=None,
+                              **sampling):
+        """The speculative decode loop (decode.py) with the sampler llama_cpp's generate would build."""
+        drafter, control = self._speculation
+        self._mirostat_mu = ctypes.c_float(2.0 * sampling.get("mirostat_tau", 5.0))
+        self._sampler = self._init_sampler(**sampling)
+        prompt = list(tokens) if reset else list(self.input_ids[:self.n_tokens]) + list(tokens)
+        self.speculation_stats = SpeculationStats()
+        return speculative_generate(Target(self), drafter, control, prompt, self.speculation_stats,
+                                    stop=stopping_criteria)
+
     def load_state(self, state) -> None:
         # a saved state knows nothing of the holes its cache may hold or lack
         if self._hook.n_holes or (self._engine is not None and self._engine.kv_policy == "mask"):
@@ -407,12 +548,17 @@ class Llama(llama_cpp.Llama):
                 self._feature_sink.set_features(n_past + n - len(rows), rows)
 
     def generate(self, tokens: Sequence[int], **kwargs):
-        """llama_cpp.Llama.generate, recording per-token timing in `last_stats`."""
+        """llama_cpp.Llama.generate (speculative when configured), recording per-token timing in
+        `last_stats` and speculation's rounds in `speculation_stats`."""
         stats = self.last_stats = GenerationStats(prompt_tokens=len(tokens))
         if self._engine is not None:
             self._engine.reset_stats()
         start = time.perf_counter()
-        inner = super().generate(tokens, **kwargs)
+        # a logits processor reads llama_cpp's own token buffer as it samples: plain decoding then
+        if self._speculation is not None and kwargs.get("logits_processor") is None:
+            inner = self._generate_speculative(tokens, **kwargs)
+        else:
+            inner = super().generate(tokens, **kwargs)
         try:
             reply = None
             while True:

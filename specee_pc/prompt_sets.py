@@ -1,4 +1,5 @@
 """The six speed prompt sets of SpecEE and EAGLE, shipped with specee-pc (data/prompts)."""
+import json
 import os
 from typing import List, Sequence
 
@@ -18,4 +19,28 @@ def first_prompts(sets: Sequence[str], per_set: int) -> List[Prompt]:
     prompts = []
     for name in sets:
         prompts += load_prompts([os.path.join(PROMPTS_DIR, name, "question.jsonl")])[:per_set]
+    return prompts
+
+
+def user_prompts(path: str) -> List[Prompt]:
+    """Prompts from a user's JSONL file: {"prompt": text} (or EAGLE's {"turns": [text, ...]}) a line."""
+    name = os.path.splitext(os.path.basename(path))[0] or "prompts"
+    prompts = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    text = row["prompt"] if "prompt" in row else row["turns"][0]
+                except (ValueError, KeyError, IndexError, TypeError):
+                    raise ValueError(f"{path}:{i}: expected a JSON object with \"prompt\" (or \"turns\")") from None
+                if not isinstance(text, str) or not text:
+                    raise ValueError(f"{path}:{i}: the prompt must be a non-empty string")
+                prompts.append(Prompt(f"{name}-{i}", text))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
+    if not prompts:
+        raise ValueError(f"{path}: no prompts in it")
     return prompts

@@ -1,17 +1,23 @@
-"""The reference for the exact policy: llama-cpp-python's own speculative decoding, drafting at
-each position where the engine exited the engine's exit token. It runs the very batches the
-exact policy ran, so its output must equal the engine's token for token (llama.cpp's logits for
-a token alone and in a 2-token batch differ slightly, so one-token decoding is no such reference).
+"""The reference for lossless decoding that batches several tokens: llama-cpp-python's own
+speculative decoding, drafting at each position what specee-pc verified there (the exact
+policy's exit token, a speculation round's chain). It runs the very batches specee-pc ran, so
+its output must equal specee-pc's token for token (llama.cpp's logits for a token alone and in a
+batch differ slightly, so one-token decoding is no such reference).
 """
 import numpy as np
 from llama_cpp.llama_speculative import LlamaDraftModel
 
 
-class ReplayExits(LlamaDraftModel):
-    def __init__(self, exits_at):
-        """exits_at: ExitStats.exits_at of the engine's generation, (position, layer, token)."""
-        self.by_position = {position: token for position, _, token in exits_at}
+class ReplayDrafts(LlamaDraftModel):
+    def __init__(self, rounds_at):
+        """rounds_at: SpeculationStats.rounds_at, (position of the batch's first token, drafts)."""
+        self.by_position = {position: list(drafts) for position, drafts in rounds_at}
 
     def __call__(self, input_ids, **kwargs):
-        position = len(input_ids) - 1
-        return np.array([self.by_position[position]] if position in self.by_position else [], dtype=np.intc)
+        return np.array(self.by_position.get(len(input_ids) - 1, []), dtype=np.intc)
+
+
+class ReplayExits(ReplayDrafts):
+    def __init__(self, exits_at):
+        """exits_at: ExitStats.exits_at of the engine's generation, (position, layer, token)."""
+        super().__init__([(position, [token]) for position, _, token in exits_at])

@@ -26,14 +26,19 @@ def run_cli(args, cwd):
 
 def test_tiny_bench_writes_a_well_formed_report(tmp_path):
     result = run_cli(["bench", "--sets", "mt_bench,humaneval", "--per-set", "1", "-n", "12", "--runs", "2",
-                      "--warmup", "0", "-t", str(N_THREADS), "-o", "out", "--plot",
+                      "--warmup", "0", "-t", str(N_THREADS), "-o", "out", "--plot", "--lookup-tokens", "2",
                       "--offline-layers", "22,24,26", "--online-offsets", "none"], tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out.json").read_text())
     names = [c["name"] for c in report["configs"]]
     # the shipped file carries a draft head: its configurations draft with it, merged with lookup
-    assert names == ["vanilla", "lookup speculative", "specee exact head+lookup verify 0.50",
+    assert names == ["vanilla", "llama-cpp-python lookup 2", "spec auto", "specee exact head+lookup verify 0.50",
                      "specee mask head+lookup verify 0.50"]
+    spec = report["configs"][2]
+    x = spec["speculation"]  # every token of a run came from a round, the prompt's first apart
+    assert x["rounds"] > 0 and x["tokens_per_round"] >= 1 and sum(x["gamma_histogram"].values()) == x["rounds"]
+    assert len(spec["options"]["batch_ms"]) == 5 and spec["quality"]["exactness"] in ("identical",
+                                                                                       "batch-shape numerics only")
     assert report["settings"]["prompts"] == 2 and report["settings"]["threads"] == N_THREADS
     assert report["settings"]["offline_layers"] == [22, 24, 26] and report["settings"]["online_offsets"] == []
     assert report["machine"]["llama_cpp_python"] == "0.3.36" and report["machine"]["specee_pc"] == specee_pc.__version__
@@ -42,7 +47,7 @@ def test_tiny_bench_writes_a_well_formed_report(tmp_path):
         assert config["decode_tokens_per_second"] > 0 and math.isfinite(config["speedup"])
         assert set(config["speedup_by_set"]) == {"mt_bench", "humaneval"}
     assert report["configs"][0]["speedup"] == 1.0
-    for config in report["configs"][2:]:
+    for config in report["configs"][3:]:
         e = config["exits"]
         assert e["steps"] > 0 and 0 <= e["exit_ratio"] <= 1 and sum(e["exit_layer_histogram"]) == e["exits"]
         assert {il for il, n in enumerate(e["exit_layer_histogram"]) if n} <= {22, 24, 26}  # the schedule given
@@ -50,19 +55,20 @@ def test_tiny_bench_writes_a_well_formed_report(tmp_path):
     # outputs are recorded, and a lossless configuration's differences are explained in the flags
     for flag in report["flags"]:
         assert flag["replay_identical"] is not False, flag
-    mask = report["configs"][3]["quality"]  # lossy: judged step by step against the full model
+    mask = report["configs"][4]["quality"]  # lossy: judged step by step against the full model
     assert mask["exactness"] == "lossy" and 0 <= mask["greedy_agreement"] <= 1
     assert math.isclose(mask["greedy_agreement"] + mask["wrong_exits_per_token"]
                         + mask["full_depth_disagreements_per_token"], 1) and mask["full_depth_disagreements_per_token"] >= 0
-    assert report["configs"][2]["quality"]["greedy_agreement"] is None  # exact: judged by identity
+    assert report["configs"][3]["quality"]["greedy_agreement"] is None  # exact: judged by identity
     cost = report["draft_head_cost"]  # the budget timed after each prompt of each repetition
     assert cost["budget_probes"] == 2 * 2 and cost["failed_probes"] == 0 and cost["target_layer_ms"] > 0
-    assert set(cost["configs"]) == set(names[2:]) and len(cost["draft_lm_head_ms"]) == 1
+    assert set(cost["configs"]) == set(names[3:]) and len(cost["draft_lm_head_ms"]) == 1
     assert all(ms > 0 for ms in cost["draft_lm_head_ms"].values()) and all(n > 0 for n in cost["draft_vocab"].values())
     assert all(c["ratio"] > 0 and c["runs"] == 2 * 2 for c in cost["configs"].values())
     assert cost["within_budget"] == (cost["ratio_max"] < 1)
     table = (tmp_path / "out.md").read_text()
     assert table.count("\n| specee") == 2 + 2 and "speedup" in table and "Draft head cost" in table
+    assert "\n| spec auto |" in table and "tokens/round" in table
     assert "- specee mask head+lookup verify 0.50: " in table and "wrong exits" in table
     assert "Exit schedule: offline layers [22, 24, 26], online offsets none." in table
     assert (tmp_path / "out-threshold.png").stat().st_size > 0 and (tmp_path / "out-exit-layers.png").stat().st_size > 0
@@ -123,7 +129,8 @@ def test_exit_tokens_are_told_from_full_depth_tokens(model_path):
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
     for args in (["--per-set", "30"], ["--sets", "nope"], ["--policies", "fast"], ["missing.gguf"],
-                 ["--offline-layers", "20,29", "--baselines", "none"]):
+                 ["--offline-layers", "20,29", "--baselines", "none"], ["--speculate", "psychic"],
+                 ["--prompts", "missing.jsonl"], ["--draft-max", "0"]):
         result = run_cli(["bench", "--warmup", "0", *args], tmp_path)
         assert result.returncode == 1, (args, result.stderr)
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("specee-pc bench: error:"), result.stderr

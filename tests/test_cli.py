@@ -38,11 +38,19 @@ def test_single_answer_equals_llama_cpp_chat(tmp_path, reference):
     assert summary.startswith("-- ") and "tok/s" in summary and "exits" not in summary
 
 
-def test_run_uses_the_shipped_predictor_by_default(tmp_path):
+def test_run_speculates_by_default(tmp_path):
     result = run_cli(["run", "-p", "List the days of the week.", "-n", "48", "--temp", "0", "-t", "2"], tmp_path)
     assert result.returncode == 0, result.stderr
     summary = result.stderr.strip().splitlines()[-1]
-    assert "exits" in summary and "exits 0/" not in summary, summary
+    assert "speculation:" in summary and "tokens/round" in summary and "exits" not in summary, summary
+
+
+def test_early_exit_uses_the_shipped_predictor(tmp_path):
+    result = run_cli(["run", "-p", "List the days of the week.", "-n", "48", "--temp", "0", "-t", "2",
+                      "--early-exit"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = result.stderr.strip().splitlines()[-1]
+    assert "exits" in summary and "exits 0/" not in summary and "speculation" not in summary, summary
 
 
 def bad_files(model_path, tmp_path):

@@ -15,6 +15,8 @@ from ..predictor_file import read_predictor_file
 from .baselines import GreedyDraftModel
 
 BASELINES = ("lookup", "draft")
+# llama-cpp-python's prompt lookup: its default, and the setting its README gives for CPUs
+LOOKUP_TOKENS = (10, 2)
 POLICIES = ("exact", "mask")
 RULES = ("verify", "candidates")
 
@@ -23,10 +25,12 @@ RULES = ("verify", "candidates")
 class BenchConfig:
     name: str
     kind: str        # "vanilla" (llama-cpp-python), "speculative" (llama-cpp-python with a drafter), "specee"
+                     # (early exit), "spec" (specee-pc's speculative decoding)
     lossless: bool   # claims the full model's greedy output: the report checks it against vanilla's
     llm: llama_cpp.Llama
     options: dict = field(default_factory=dict)  # what it was built with, for the report
-    drafter: str = ""  # specee: where its candidates come from ("ngram", "draft", "head" or "head+lookup")
+    drafter: str = ""  # specee: where its candidates come from ("ngram", "draft", "head" or "head+lookup");
+                       # spec: its chain drafter
     draft_llm: Optional[llama_cpp.Llama] = None  # a draft model: its prompt processing is prompt time
 
     def prefill_draft(self, prompt_tokens: Sequence[int]) -> None:
@@ -103,30 +107,44 @@ def build_configs(models: BenchModels, **choices) -> List[BenchConfig]:
 def _add_configs(configs: List[BenchConfig], models: BenchModels, *, baselines: Sequence[str] = BASELINES,
                  policies: Sequence[str] = POLICIES, rules: Sequence[str] = ("verify",),
                  thresholds: Sequence[Optional[float]] = (None,),
-                 thresholds_unmatched: Sequence[Optional[float]] = (None,), lookup_tokens: int = 4,
-                 draft_tokens: int = 4, offline_layers: Optional[Sequence[int]] = None,
-                 online_offsets: Optional[Sequence[int]] = None) -> None:
+                 thresholds_unmatched: Sequence[Optional[float]] = (None,),
+                 lookup_tokens: Sequence[int] = LOOKUP_TOKENS, draft_tokens: int = 4,
+                 offline_layers: Optional[Sequence[int]] = None, online_offsets: Optional[Sequence[int]] = None,
+                 speculate: Sequence[str] = (), draft_max: int = 4) -> None:
     common = models.llama_kwargs()
     # speculative decoding keeps every logit; llama_cpp sizes that buffer by logits_all, not by
     # draft_model, so prompts longer than n_batch overflow it unless logits_all is given too
     configs.append(BenchConfig("vanilla", "vanilla", True, llama_cpp.Llama(models.model, **common)))
     n_vocab = configs[0].llm.n_vocab()
-    if "lookup" in baselines:
+    for n in dict.fromkeys(lookup_tokens if "lookup" in baselines else ()):
         configs.append(BenchConfig(
-            "lookup speculative", "speculative", True,
+            f"llama-cpp-python lookup {n}", "speculative", True,
             llama_cpp.Llama(models.model, **common, logits_all=True,
-                            draft_model=LlamaPromptLookupDecoding(num_pred_tokens=lookup_tokens)),
-            {"drafter": "prompt lookup", "num_pred_tokens": lookup_tokens}))
+                            draft_model=LlamaPromptLookupDecoding(num_pred_tokens=n)),
+            {"drafter": "prompt lookup", "num_pred_tokens": n}))
     if "draft" in baselines and models.draft:
         drafter = GreedyDraftModel(models.draft, target_vocab=n_vocab, num_pred_tokens=draft_tokens,
                                    n_ctx=models.n_ctx, n_threads=models.n_threads, n_gpu_layers=models.n_gpu_layers)
-        configs.append(BenchConfig("draft speculative", "speculative", True,
+        configs.append(BenchConfig("llama-cpp-python draft model", "speculative", True,
                                    llama_cpp.Llama(models.model, **common, logits_all=True, draft_model=drafter),
                                    {"drafter": models.draft, "num_pred_tokens": draft_tokens},
                                    draft_llm=drafter.model))
+    weights = open_weights(models.model)
+    for drafter in dict.fromkeys(speculate):
+        predictor = models.predictors[0] if models.predictors else "auto"
+        path = shipped_predictor_path(weights) if predictor == "auto" else predictor
+        chain = models.draft if drafter == "draft" else drafter
+        if drafter == "draft" and not models.draft:
+            raise SpeceeError("speculation with 'draft' needs --draft MODEL.gguf")
+        llm = Llama(models.model, **common, speculate=chain, predictor=path, draft_max=draft_max)
+        configs.append(BenchConfig(f"spec {drafter}", "spec", True, llm,
+                                   {"speculate": drafter, "drafter": llm.speculation_drafter.name,
+                                    "predictor": path, "draft_max": draft_max,
+                                    "batch_ms": list(llm.speculation_control.costs.ms),
+                                    "batch_ms_source": llm.speculation_control.costs.source},
+                                   drafter, llm.speculation_drafter.model if drafter == "draft" else None))
     if not policies or not models.predictors:
         return
-    weights = open_weights(models.model)
     pairs = []  # (predictor path, drafter, its threshold), one file per drafter
     for path in dict.fromkeys(resolve_predictor(p, models.model, weights) for p in models.predictors):
         predictor = read_predictor_file(path)

@@ -74,7 +74,7 @@ def check_outputs(configs, runs: Sequence[Run], prompt_tokens: Dict[str, List[in
             check.wrong_exits = int((exited_tokens(run.exits_at, len(tokens), len(run.tokens)) & ~matches).sum())
         if at is not None:
             check.logit_gap = logit_gap(prompt, run.tokens, at)
-            if config.kind == "specee" and config.lossless and replay is not None:
+            if config.kind in ("specee", "spec") and config.lossless and replay is not None:
                 check.replay_identical = replay_matches(replay, run, tokens)
         checks.append(check)
     return checks

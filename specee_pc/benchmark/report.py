@@ -67,6 +67,36 @@ def exits(runs: Sequence[Run], n_layer: int, repaired: bool) -> dict:
     }
 
 
+def speculation(runs: Sequence[Run]) -> dict:
+    """Speculation rounds summed over runs: tokens per round, acceptance by chain position, the
+    histogram of drafts verified per round, what drafting and verification cost per token."""
+    rounds = sum(r.spec["rounds"] for r in runs)
+    tokens = sum(r.spec["tokens"] for r in runs)
+    drafted = sum(r.spec["drafted"] for r in runs)
+    accepted = sum(r.spec["accepted"] for r in runs)
+    gammas: Dict[int, int] = {}
+    sources: Dict[str, int] = {}
+    positions: List[List[int]] = []
+    for r in runs:
+        for g, n in r.spec["gammas"].items():
+            gammas[int(g)] = gammas.get(int(g), 0) + n
+        for name, n in r.spec["sources"].items():
+            sources[name] = sources.get(name, 0) + n
+        for i, (a, n) in enumerate(r.spec["by_position"]):
+            while len(positions) <= i:
+                positions.append([0, 0])
+            positions[i][0] += a
+            positions[i][1] += n
+    return {"rounds": rounds, "tokens_per_round": ratio(tokens, rounds), "acceptance": ratio(accepted, drafted),
+            "acceptance_by_position": [ratio(a, n) for a, n in positions],
+            "verified_by_position": [n for _, n in positions],
+            "gamma_histogram": dict(sorted(gammas.items())), "rounds_by_drafter": sources,
+            "draft_ms_per_token": ratio(sum(r.spec["draft_ms"] for r in runs), tokens),
+            "verify_ms_per_token": ratio(sum(r.spec["verify_ms"] for r in runs), tokens),
+            "prefill_ms_per_prompt_token": ratio(sum(r.spec["prefill_ms"] for r in runs),
+                                                 sum(r.spec["prefill_tokens"] for r in runs))}
+
+
 def quality(checks: Sequence[OutputCheck], lossless: bool) -> dict:
     differing = [c for c in checks if not c.identical]
     judged = [c for c in checks if c.greedy_agreeing is not None]
@@ -112,6 +142,8 @@ def summarize(configs, runs: Sequence[Run], checks: Sequence[OutputCheck], promp
         mine = [r for r in runs if r.config == config.name]
         entry = {"name": config.name, "kind": config.kind, "lossless": config.lossless, "options": config.options,
                  **speed(mine, vanilla, prompt_sets)}
+        if config.kind == "spec":
+            entry["speculation"] = speculation(mine)
         if config.kind == "specee":
             entry["exits"] = exits(mine, n_layer, config.options.get("kv_policy") == "exact")
             if oracle and config.drafter in oracle:
@@ -166,6 +198,22 @@ def markdown(report: dict) -> str:
               "| configuration | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
     for c in report["configs"][1:]:
         lines.append(f"| {c['name']} | " + " | ".join(fmt(c["speedup_by_set"].get(x), ".3f") for x in sets) + " |")
+    spec = [c for c in report["configs"] if c.get("speculation")]
+    if spec:
+        lines += ["", "Speculation (specee-pc's decode loop): tokens per verification round, acceptance of verified "
+                      "drafts by chain position, rounds by drafts verified (0: plain decoding), measured batch "
+                      "cost B(1) and c(k) = B(k)/B(1) at load:", "",
+                  "| configuration | tokens/round | acceptance | by position | drafts per round | rounds by drafter "
+                  "| draft ms/tok | verify ms/tok | B(1) ms, c(2..) |", "|" + "---|" * 9]
+        for c in spec:
+            x, ms = c["speculation"], c["options"]["batch_ms"]
+            lines.append("| " + " | ".join([
+                c["name"], fmt(x["tokens_per_round"]), fmt(x["acceptance"], ".0%"),
+                " ".join(fmt(a) for a in x["acceptance_by_position"]) or "–",
+                " ".join(f"{g}:{n}" for g, n in x["gamma_histogram"].items()),
+                " ".join(f"{k}:{n}" for k, n in x["rounds_by_drafter"].items()) or "–",
+                fmt(x["draft_ms_per_token"], ".3f"), fmt(x["verify_ms_per_token"]),
+                f"{ms[0]:.1f}, " + " ".join(f"{m / ms[0]:.2f}" for m in ms[1:])]) + " |")
     cost = report.get("draft_head_cost")
     if cost:
         lm = ", ".join(f"{fmt(ms, '.3f')} ms over {cost['draft_vocab'][path]} tokens"

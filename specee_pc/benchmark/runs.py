@@ -7,7 +7,7 @@ from typing import Callable, List, Optional, Sequence
 import llama_cpp
 import numpy as np
 
-from ..replay import ReplayExits
+from ..replay import ReplayDrafts, ReplayExits
 
 
 @dataclass
@@ -21,6 +21,8 @@ class Run:
     decode_seconds: float   # the tokens after the first
     exit: Optional[dict] = None  # specee: the generation's ExitStats (exits_at as exit layers)
     exits_at: list = field(default_factory=list, repr=False)
+    spec: Optional[dict] = None  # spec: the generation's SpeculationStats (rounds_at apart)
+    rounds_at: list = field(default_factory=list, repr=False)
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -59,6 +61,10 @@ def timed_run(config, prompt_name: str, prompt_tokens: Sequence[int], n_new: int
         run.exit = {k: v for k, v in dataclasses.asdict(stats).items() if k != "exits_at"}
         run.exit["exit_layers"] = [layer for _, layer, _ in stats.exits_at]
         run.exits_at = list(stats.exits_at)
+    spec = getattr(config.llm, "speculation_stats", None)
+    if spec is not None:
+        run.spec = {k: v for k, v in dataclasses.asdict(spec).items() if k != "rounds_at"}
+        run.rounds_at = list(spec.rounds_at)
     return run
 
 
@@ -100,8 +106,9 @@ def exited_tokens(exits_at: Sequence[tuple], n_prompt: int, n_output: int) -> np
 
 
 def replay_matches(replay: llama_cpp.Llama, run: Run, prompt_tokens: Sequence[int]) -> bool:
-    """Whether llama-cpp-python's own speculative decoding, drafting the engine's exit tokens where it
-    exited, gives the run's output: the same batch shapes, so an exact engine must match it."""
-    replay.draft_model = ReplayExits(run.exits_at)
+    """Whether llama-cpp-python's own speculative decoding, drafting what the run verified where it
+    did (exit tokens, speculation chains), gives the run's output: the same batch shapes, so a
+    lossless run must match it."""
+    replay.draft_model = ReplayDrafts(run.rounds_at) if run.spec is not None else ReplayExits(run.exits_at)
     tokens, _ = greedy_tokens(replay, prompt_tokens, len(run.tokens))
     return tokens == run.tokens

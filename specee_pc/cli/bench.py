@@ -81,7 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--online-offsets", type=int_list, default=None, metavar="O1,O2",
                    help="specee: also check these offsets around the last exits' layers, instead of the file's; "
                         "'none' for no online layers (default: file)")
-    p.add_argument("--lookup-tokens", type=int, default=4, help="tokens drafted by prompt lookup (default: 4)")
+    p.add_argument("--speculate", type=name_list, default=["auto"], metavar="D1,D2",
+                   help="specee-pc speculative decoding with these chain drafters: auto, head+lookup, head, lookup, "
+                        "draft (the --draft model); none (default: auto)")
+    p.add_argument("--draft-max", type=int, default=4, metavar="N",
+                   help="speculation: the longest chain a round verifies (default: 4)")
+    p.add_argument("--prompts", metavar="FILE.jsonl",
+                   help="prompts from this file instead of the shipped sets: one JSON object a line with \"prompt\" "
+                        "(or \"turns\": its first is used)")
+    p.add_argument("--lookup-tokens", type=int_list, default=[10, 2], metavar="N1,N2",
+                   help="llama-cpp-python prompt lookup baselines, one per num_pred_tokens (default: 10,2: its "
+                        "default and its README's setting for CPUs)")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted by the draft model (default: 4)")
     p.add_argument("--oracle", action="store_true",
                    help="also measure the oracle bound of each drafter's candidates on these prompts (a full-model "
@@ -100,15 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args) -> None:
     from ..benchmark.configs import BASELINES, POLICIES, RULES
 
+    from ..chains import CHAIN_DRAFTERS
+
+    args.speculate = [] if args.speculate == ["none"] else args.speculate
     for values, allowed, what in ((args.baselines, BASELINES, "baseline"), (args.policies, POLICIES, "policy"),
-                                  (args.rules, RULES, "exit rule")):
+                                  (args.rules, RULES, "exit rule"),
+                                  (args.speculate, CHAIN_DRAFTERS + ("draft",), "speculation drafter")):
         bad = [v for v in values if v not in allowed]
         if bad:
             raise ValueError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
     if not 1 <= args.per_set <= HELD_OUT_PER_SET:
         raise ValueError(f"--per-set must be 1..{HELD_OUT_PER_SET} (prompts beyond that trained the predictors)")
-    if args.runs < 1 or args.n_predict < 2 or args.lookup_tokens < 1 or args.draft_tokens < 1:
+    if args.runs < 1 or args.n_predict < 2 or min(args.lookup_tokens or [1]) < 1 or args.draft_tokens < 1:
         raise ValueError("--runs, --lookup-tokens and --draft-tokens must be at least 1, and -n at least 2")
+    if not 1 <= args.draft_max <= 16:
+        raise ValueError("--draft-max must be in 1..16")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -209,21 +225,21 @@ def bench(args) -> int:
     from ..default_model import default_model_path
     from ..model_file import open_weights
     from ..predictor_file import read_predictor_file
-    from ..prompt_sets import first_prompts
+    from ..prompt_sets import first_prompts, user_prompts
     from ..replay import ReplayExits
 
     check_args(args)
     check_plain_llama_cpp("the benchmark's reference (vanilla llama-cpp-python)")
     model = args.model or default_model_path()
     weights = open_weights(model)
-    prompts = first_prompts(args.sets, args.per_set)
+    prompts = user_prompts(args.prompts) if args.prompts else first_prompts(args.sets, args.per_set)
     models = BenchModels(model, predictors=args.predictor, draft=args.draft, n_ctx=args.ctx_size,
                          n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, offload_first=args.offload_first)
     configs = build_configs(models, baselines=args.baselines, policies=args.policies, rules=args.rules,
                             thresholds=args.thresholds, thresholds_unmatched=args.thresholds_unmatched,
                             lookup_tokens=args.lookup_tokens,
                             draft_tokens=args.draft_tokens, offline_layers=args.offline_layers,
-                            online_offsets=args.online_offsets)
+                            online_offsets=args.online_offsets, speculate=args.speculate, draft_max=args.draft_max)
     try:
         vanilla = configs[0].llm
         tokens = {p.name: chat_tokens(vanilla, p.text) for p in prompts}
@@ -259,7 +275,9 @@ def bench(args) -> int:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_info(),
             "settings": {"model": os.path.abspath(model), "model_name": os.path.basename(model),
-                         "n_layer": weights.n_layer, "draft": args.draft, "sets": args.sets, "per_set": args.per_set,
+                         "n_layer": weights.n_layer, "draft": args.draft,
+                         "sets": sorted({p.set_name for p in prompts}) if args.prompts else args.sets,
+                         "prompt_file": args.prompts, "per_set": args.per_set,
                          "prompts": len(prompts), "n_new": args.n_predict, "runs": args.runs, "warmup": args.warmup,
                          "threads": args.threads, "n_ctx": args.ctx_size, "n_gpu_layers": args.n_gpu_layers,
                          "offload_first": args.offload_first, "offline_layers": args.offline_layers,
@@ -273,7 +291,8 @@ def bench(args) -> int:
                         for c in configs},
             "runs": [{"config": r.config, "prompt": r.prompt, "rep": r.rep, "tokens": len(r.tokens),
                       "prompt_seconds": r.prompt_seconds, "decode_seconds": r.decode_seconds,
-                      "decode_tokens_per_second": r.decode_tokens_per_second, "exit": r.exit} for r in runs],
+                      "decode_tokens_per_second": r.decode_tokens_per_second, "exit": r.exit, "spec": r.spec}
+                     for r in runs],
         }
     finally:
         close_configs(configs)
