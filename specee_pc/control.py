@@ -39,17 +39,21 @@ def cost_key(model_path: str, n_threads: int, n_gpu_layers: int, k_max: int) -> 
 
 @dataclass
 class BatchCosts:
-    """Milliseconds of one target decode batch of k tokens (all rows' logits), k = 1..len(ms)."""
+    """Milliseconds of one target decode batch of k tokens (all rows' logits), k = 1..len(ms), as
+    measured at load, times `scale`: how much dearer batches are now (a longer context, a busier
+    machine). Rounds update the scale, not single entries: plain steps are most rounds, and
+    following B(1) alone would make every longer batch look cheaper as the context grows."""
 
     ms: List[float]
     source: str = "measured"  # "measured" now, or "cache"
+    scale: float = 1.0
 
     @property
     def k_max(self) -> int:
         return len(self.ms)
 
     def __call__(self, k: int) -> float:
-        return self.ms[min(k, self.k_max) - 1]
+        return self.ms[min(k, self.k_max) - 1] * self.scale
 
     def relative(self) -> List[float]:
         """c(k) = B(k) / B(1)."""
@@ -58,11 +62,11 @@ class BatchCosts:
     def observe(self, k: int, ms: float, weight: float = 0.05) -> None:
         """Follow the machine: a verification batch of k tokens took ms (an outlier moves it little)."""
         if 1 <= k <= self.k_max:
-            ms = min(ms, 3 * self.ms[k - 1])
-            self.ms[k - 1] += weight * (ms - self.ms[k - 1])
+            ratio = min(max(ms / self.ms[k - 1], self.scale / 3), 3 * self.scale)
+            self.scale += weight * (ratio - self.scale)
 
     def summary(self) -> str:
-        return (f"B(1) {self.ms[0]:.1f} ms, c(k) " + " ".join(f"{c:.2f}" for c in self.relative()[1:])
+        return (f"B(1) {self(1):.1f} ms, c(k) " + " ".join(f"{c:.2f}" for c in self.relative()[1:])
                 + f" for k = 2..{self.k_max}")
 
 
@@ -193,13 +197,14 @@ def expected_tokens(acceptance: Sequence[float]) -> List[float]:
     return out
 
 
-def best_length(acceptance: Sequence[float], costs: BatchCosts, draft_ms: float = 0.0) -> int:
+def best_length(acceptance: Sequence[float], costs: BatchCosts, draft_ms: float = 0.0, margin: float = 1.0) -> int:
     """The g in 0..len(acceptance) with the most expected tokens per ms; 0 when nothing pays.
 
     draft_ms: what drafting cost (spent whatever g is; a round that verifies no draft would
-    have been a plain step without it)."""
+    have been a plain step without it); margin: how much more than a plain step's rate drafting
+    must promise."""
     expected = expected_tokens(acceptance[:costs.k_max - 1])
-    best, best_rate = 0, 1.0 / costs(1)
+    best, best_rate = 0, margin / costs(1)
     for g in range(1, len(expected)):
         rate = expected[g] / (costs(g + 1) + draft_ms)
         if rate > best_rate:
@@ -284,6 +289,9 @@ class SpeculationControl:
     drafts to verify; and what it tells afterwards (batch times, acceptance, drafting times)."""
 
     PROBE_EVERY = 16  # a drafter not worth running is still run every this many rounds, to follow it
+    # drafting must promise this much more than a plain step: a round verifies the draft estimated
+    # best, so its estimate errs high more often than low
+    MARGIN = 1.05
 
     def __init__(self, costs: BatchCosts, adaptive: bool = True, fixed_length: Optional[int] = None):
         self.costs = costs
@@ -309,7 +317,7 @@ class SpeculationControl:
         per_token = self.draft_ms.get(source, 0.0)
         acceptance = [self.tracker.mean(source, i + 1) for i in range(self.max_drafts)]
         expected = expected_tokens(acceptance)
-        best, best_rate = 0, 1.0 / self.costs(1)
+        best, best_rate = 0, self.MARGIN / self.costs(1)
         for g in range(1, len(expected)):
             rate = expected[g] / (self.costs(g + 1) + g * per_token)
             if rate > best_rate:
@@ -319,13 +327,13 @@ class SpeculationControl:
     def rate(self, source: str, confidences: Sequence[float]) -> Tuple[int, float]:
         """(drafts to verify, expected tokens per ms) for drafts already made, from their confidences."""
         acceptance = [self.tracker.estimate(source, i + 1, c) for i, c in enumerate(confidences)]
-        g = best_length(acceptance, self.costs)
+        g = best_length(acceptance, self.costs, margin=self.MARGIN)
         return g, expected_tokens(acceptance)[g] / self.costs(g + 1)
 
     def choose(self, drafts: Sequence) -> Tuple[int, int]:
         """(index of the draft to verify, how many of its tokens) among a round's drafts (objects
         with source, confidence); (-1, 0): plain decoding pays best."""
-        best, best_g, best_rate = -1, 0, 1.0 / self.costs(1)
+        best, best_g, best_rate = -1, 0, self.MARGIN / self.costs(1)
         for i, d in enumerate(drafts):
             if not d.confidence:
                 continue

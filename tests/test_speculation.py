@@ -227,6 +227,17 @@ def test_the_controller_drafts_only_what_pays():
     assert best_length([0.6, 0.6, 0.6, 0.6], free) == 4
 
 
+def test_batch_costs_follow_a_growing_context_as_a_whole():
+    """Plain steps dearer at a long context make every batch dearer, not drafting look cheaper."""
+    costs = BatchCosts([10.0, 20.0, 25.0])
+    for _ in range(200):
+        costs.observe(1, 15.0)
+    assert costs(1) == pytest.approx(15.0, rel=0.01) and costs(3) == pytest.approx(37.5, rel=0.01)
+    assert costs.relative() == [1.0, 2.0, 2.5]
+    costs.observe(2, 1e6)  # one outlier moves it little
+    assert costs(1) < 16.5
+
+
 def test_drafts_are_scored_against_what_decoding_emits():
     control = SpeculationControl(BatchCosts([10.0, 16.0, 21.0]))
     control.drafted(3, "lookup", [7, 8, 9], [3.0, 3.0, 3.0])
