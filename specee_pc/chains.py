@@ -7,7 +7,7 @@ interface specee_pc.Llama drives after every decode.
 """
 import time
 from dataclasses import dataclass, field
-from typing import List, Protocol, Sequence
+from typing import List, Protocol
 
 import numpy as np
 
@@ -21,7 +21,6 @@ class Draft:
     source: str                                            # "lookup", "head" or "model"
     tokens: List[int] = field(default_factory=list)
     confidence: List[float] = field(default_factory=list)  # lookup: match length; head, model: probability
-    ms: float = 0.0                                        # drafting time
 
 
 class ChainDrafter(Protocol):
@@ -49,10 +48,9 @@ class LookupChain:
         return [self.chain(context, control)]
 
     def chain(self, context: np.ndarray, control: SpeculationControl) -> Draft:
-        start = time.perf_counter()
         tokens, match = _native.lookup_continuation(context[-self.search_window:], self.min_ngram, self.max_ngram,
                                                     max(2, self.search_window), max(1, control.max_drafts))
-        return Draft("lookup", tokens, [float(match)] * len(tokens), (time.perf_counter() - start) * 1e3)
+        return Draft("lookup", tokens, [float(match)] * len(tokens))
 
 
 class HeadChain(HeadDrafter):
@@ -68,9 +66,8 @@ class HeadChain(HeadDrafter):
     def chain(self, context: np.ndarray, n: int, control: SpeculationControl) -> Draft:
         start = time.perf_counter()
         tokens, probs = self.head.draft(context, n)
-        ms = (time.perf_counter() - start) * 1e3
-        control.observe_draft("head", len(tokens), ms)
-        return Draft("head", tokens, [float(p) for p in probs], ms)
+        control.observe_draft("head", len(tokens), (time.perf_counter() - start) * 1e3)
+        return Draft("head", tokens, [float(p) for p in probs])
 
 
 class HeadLookupChain(HeadChain):
@@ -118,8 +115,7 @@ class DraftModelChain:
                 break
             self.model.eval([token])
             logits = np.ctypeslib.as_array(self.model._ctx.get_logits_ith(-1), shape=(self.model.n_vocab(),))
-        out.ms = (time.perf_counter() - start) * 1e3
-        control.observe_draft("model", len(out.tokens), out.ms)
+        control.observe_draft("model", len(out.tokens), (time.perf_counter() - start) * 1e3)
         return [out]
 
     def close(self) -> None:
@@ -128,8 +124,3 @@ class DraftModelChain:
 
 CHAIN_DRAFTERS = ("auto", "head+lookup", "head", "lookup")  # by name; a draft model by its .gguf path
 
-
-def prefill_rows(drafter, context: Sequence[int]) -> None:
-    """Hand a drafter that keeps rows of its own the context after a prompt (see HeadDrafter.prefill)."""
-    if hasattr(drafter, "prefill"):
-        drafter.prefill(context)

@@ -35,7 +35,7 @@ def draft_round(target: Target, drafter: Optional[ChainDrafter], control: Specul
     if chosen < 0 or g <= 0:
         return Draft("none")
     d = drafts[chosen]
-    return Draft(d.source, d.tokens[:g], d.confidence[:g], d.ms)
+    return Draft(d.source, d.tokens[:g], d.confidence[:g])
 
 
 def verify_row(target: Target, row: int, draft: Optional[int]) -> int:

@@ -53,7 +53,7 @@ class Llama(llama_cpp.Llama):
         exit_threshold_unmatched  the score an exit needs when its token is not one prompt
                            lookup finds in the context (default: exit_threshold); such exits
                            are wrong more often, and under "mask" their holes cost later tokens
-                           more (README: measured), so 1.0 keeps exits to lookup's matches
+                           more (docs/draft-head.md: measured), so 1.0 keeps exits to lookup's matches
         kv_policy          "exact": an exited token is re-run in full with its exit token, and
                            that batch's logits verify it, so outputs are the full model's;
                            "mask" (SpecEE): the exit token is emitted from the exit layer's
@@ -278,26 +278,23 @@ class Llama(llama_cpp.Llama):
             raise ValueError(f"draft_max must be in [1, 16], got {draft_max}")
         if draft_length is not None and not 1 <= draft_length <= draft_max:
             raise ValueError(f"draft_length must be in [1, draft_max={draft_max}], got {draft_length}")
-        chain, owned = self._chain_drafter(drafter, predictor)
-        try:
-            self.configure_exits(predictor=None)
-            self._stop_speculation()
-            costs = self._batch_costs(draft_max + 1)
-        except BaseException:
-            if owned is not None:
-                owned.close()
-            raise
+        name, path = self._chain_source(drafter, predictor)
+        self.configure_exits(predictor=None)
+        self._stop_speculation()
+        costs = self._batch_costs(draft_max + 1)
         # auto: a head only where it can pay here (a head row costs about a target layer and a half;
         # its features make prompt processing compute every row's logits)
-        if drafter == "auto" and isinstance(chain, HeadChain) and \
+        if drafter == "auto" and name != "lookup" and \
                 control_mod.head_gain(costs, 1.5 * costs(1) / self.weights.n_layer) <= 0.01:
-            chain = LookupChain()
-        self._owned_chain = owned
+            name = "lookup"
+        chain = self._open_chain(name, path)
+        self._owned_chain = chain if isinstance(chain, DraftModelChain) else None
         self._speculation = (chain, SpeculationControl(costs, adaptive=adaptive, fixed_length=draft_length))
         self.feed_hidden_states(chain)
 
-    def _chain_drafter(self, drafter: str, predictor):
-        """The chain drafter named (and the draft model it owns, if any); checked before anything changes."""
+    def _chain_source(self, drafter: str, predictor):
+        """(chain drafter name, the predictor file with its head or the draft model path) for the
+        drafter asked for; checked before anything changes."""
         if drafter in ("auto", "head", "head+lookup"):
             path = shipped_predictor_path(self.weights) if predictor == "auto" else predictor
             predictor_file = None
@@ -306,22 +303,26 @@ class Llama(llama_cpp.Llama):
                 predictor_file.check_model(self.weights, path, self.model_path)
             has_head = predictor_file is not None and predictor_file.head is not None
             if drafter == "auto":
-                drafter = "head+lookup" if has_head else "lookup"
-            elif not has_head:
+                return ("head+lookup" if has_head else "lookup"), path
+            if not has_head:
                 raise ValueError(f"speculation with {drafter!r} needs a predictor file with a draft head for this "
                                  "model (calibrate --head), or use 'lookup'")
-            if drafter != "lookup":
-                kind = HeadLookupChain if drafter == "head+lookup" else HeadChain
-                return kind(path, self.weights, n_ctx=self._n_ctx, n_threads=self.n_threads,
-                            gpu=self._draft_gpu_layers != 0), None
+            return drafter, path
         if drafter == "lookup":
-            return LookupChain(), None
+            return drafter, None
         if isinstance(drafter, str) and drafter.endswith(".gguf"):
-            chain = DraftModelChain(drafter, target_vocab=self.weights.n_vocab, n_ctx=self._n_ctx,
-                                    n_threads=self.n_threads, n_gpu_layers=self._draft_gpu_layers)
-            return chain, chain
+            return "model", drafter
         names = ", ".join(repr(name) for name in CHAIN_DRAFTERS)
         raise ValueError(f"unknown speculation drafter {drafter!r}: use {names}, 'none' or a draft model .gguf path")
+
+    def _open_chain(self, name: str, path: Optional[str]):
+        if name == "lookup":
+            return LookupChain()
+        if name == "model":
+            return DraftModelChain(path, target_vocab=self.weights.n_vocab, n_ctx=self._n_ctx,
+                                   n_threads=self.n_threads, n_gpu_layers=self._draft_gpu_layers)
+        kind = HeadLookupChain if name == "head+lookup" else HeadChain
+        return kind(path, self.weights, n_ctx=self._n_ctx, n_threads=self.n_threads, gpu=self._draft_gpu_layers != 0)
 
     def _stop_speculation(self) -> None:
         if self._speculation is not None and self._feature_sink is self._speculation[0]:

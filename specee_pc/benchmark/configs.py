@@ -130,9 +130,9 @@ def _add_configs(configs: List[BenchConfig], models: BenchModels, *, baselines: 
                                    {"drafter": models.draft, "num_pred_tokens": draft_tokens},
                                    draft_llm=drafter.model))
     weights = open_weights(models.model)
+    predictor = models.predictors[0] if models.predictors else "auto"
+    path = shipped_predictor_path(weights) if predictor == "auto" else predictor
     for drafter in dict.fromkeys(speculate):
-        predictor = models.predictors[0] if models.predictors else "auto"
-        path = shipped_predictor_path(weights) if predictor == "auto" else predictor
         chain = models.draft if drafter == "draft" else drafter
         if drafter == "draft" and not models.draft:
             raise SpeceeError("speculation with 'draft' needs --draft MODEL.gguf")
