@@ -80,16 +80,18 @@ class Records:
                          ("cand_logits", "label", "top1_in_cands", "cand_hit", "final_index")))
 
 
-def chat_tokens(llm, text: str) -> List[int]:
-    """The prompt as the chat template formats a single user turn."""
+def chat_tokens(llm, text) -> List[int]:
+    """A prompt (text: a single user turn) or a conversation ([{"role", "content"}]) as the chat
+    template formats it."""
+    messages = [{"role": "user", "content": text}] if isinstance(text, str) else list(text)
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     template = llm.metadata.get("tokenizer.chat_template")
     if not template:
-        return llm.tokenize(text.encode("utf-8"))
+        return llm.tokenize("\n".join(m["content"] for m in messages).encode("utf-8"))
     formatter = Jinja2ChatFormatter(template=template, eos_token=llm._model.token_get_text(llm.token_eos()),
                                     bos_token=llm._model.token_get_text(llm.token_bos()))
-    return llm.tokenize(formatter(messages=[{"role": "user", "content": text}]).prompt.encode("utf-8"),
+    return llm.tokenize(formatter(messages=messages).prompt.encode("utf-8"),
                         add_bos=False, special=True)
 
 

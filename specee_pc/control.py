@@ -17,6 +17,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 CACHE_VERSION = 1
 
 
@@ -143,10 +145,40 @@ def confidence_bucket(source: str, confidence: float) -> int:
     return 0
 
 
-def prior_acceptance(source: str, bucket: int, position: int) -> float:
-    """Where tracking starts (docs/speculation.md: measured on SmolLM2's held-out prompts): a
-    head's or draft model's probability is about its acceptance; lookup's first draft is
-    accepted more often the longer its match, and once one holds, the next ones mostly do."""
+@dataclass
+class HeadPriors:
+    """A draft head's acceptance measured on held-out prompts when it was trained, stored with it
+    (predictor_file.HeadWeights): by chain position, and by position and probability bucket."""
+
+    acceptance: np.ndarray         # [P]
+    bucket_acceptance: np.ndarray  # [P, len(HEAD_BUCKETS) + 1]
+    bucket_share: np.ndarray       # [P, len(HEAD_BUCKETS) + 1]
+
+    @staticmethod
+    def of(head) -> Optional["HeadPriors"]:
+        """The priors of a HeadWeights (None for a head trained before they were measured)."""
+        if head is None or head.acceptance is None or \
+                np.shape(head.bucket_acceptance) != (len(head.acceptance), len(HEAD_BUCKETS) + 1):
+            return None
+        return HeadPriors(np.clip(head.acceptance, 0.01, 0.99), np.clip(head.bucket_acceptance, 0.01, 0.99),
+                          np.asarray(head.bucket_share))
+
+    def at(self, position: int, bucket: Optional[int] = None) -> float:
+        row = min(position, len(self.acceptance)) - 1
+        return float(self.acceptance[row] if bucket is None else self.bucket_acceptance[row, bucket])
+
+    def profile(self):
+        """(share, acceptance) of each probability bucket of the first draft (head_gain's profile)."""
+        return tuple((float(f), float(a)) for f, a in zip(self.bucket_share[0], self.bucket_acceptance[0]))
+
+
+def prior_acceptance(source: str, bucket: int, position: int, head: Optional[HeadPriors] = None) -> float:
+    """Where tracking starts: for a head, what was measured when it was trained (`head`), else
+    (docs/speculation.md: measured on SmolLM2's held-out prompts) a head's or draft model's
+    probability is about its acceptance; lookup's first draft is accepted more often the longer
+    its match, and once one holds, the next ones mostly do."""
+    if source == "head" and head is not None:
+        return head.at(position, bucket)
     if source == "lookup":
         return (0.17, 0.42, 0.75, 0.8)[bucket] if position == 1 else (0.6, 0.67, 0.8, 0.85)[bucket]
     return (0.1, 0.2, 0.4, 0.6, 0.85)[bucket]
@@ -158,12 +190,14 @@ class AcceptanceTracker:
     starting from a prior; only drafts whose predecessors were all accepted are counted."""
 
     cells: Dict[Tuple[str, int, int], List[float]] = field(default_factory=dict)
+    head: Optional[HeadPriors] = None
 
     def _cell(self, source: str, position: int, bucket: int) -> List[float]:
         key = (source, min(position, MAX_TRACKED_POSITION), bucket)
         cell = self.cells.get(key)
         if cell is None:
-            cell = self.cells[key] = [prior_acceptance(source, bucket, key[1]) * PRIOR_WEIGHT, PRIOR_WEIGHT]
+            cell = self.cells[key] = [prior_acceptance(source, bucket, key[1], self.head) * PRIOR_WEIGHT,
+                                      PRIOR_WEIGHT]
         return cell
 
     def estimate(self, source: str, position: int, confidence: float) -> float:
@@ -174,6 +208,8 @@ class AcceptanceTracker:
         """Acceptance at a position over all confidences, weighted by what was seen."""
         cells = [c for (s, p, _), c in self.cells.items() if s == source and p == min(position, MAX_TRACKED_POSITION)]
         if not cells:
+            if source == "head" and self.head is not None:
+                return self.head.at(position)
             return prior_acceptance(source, 1, position)
         return sum(c[0] for c in cells) / sum(c[1] for c in cells)
 
@@ -218,14 +254,17 @@ def best_length(acceptance: Sequence[float], costs: BatchCosts, draft_ms: float 
 HEAD_PROFILE = ((0.35, 0.10), (0.32, 0.19), (0.15, 0.37), (0.11, 0.59), (0.07, 0.82))
 
 
-def head_gain(costs: BatchCosts, row_ms: float, profile=HEAD_PROFILE) -> float:
+def head_gain(costs: BatchCosts, row_ms: float, priors: Optional[HeadPriors] = None) -> float:
     """Expected tokens per ms with a draft head over plain decoding's, minus one: every round
     runs at least one head row (to know its confidence), and rounds whose drafts promise more
-    verify the best chain of them (drafts after the first assumed as likely as it)."""
+    verify the best chain of them. With the head's measured priors, its first draft by bucket and
+    the later positions' acceptance; without, HEAD_PROFILE and later drafts as likely as the first."""
+    profile = priors.profile() if priors is not None else HEAD_PROFILE
     tokens = ms = 0.0
     for freq, a in profile:
         best_tokens, best_ms = 1.0, costs(1) + row_ms
-        expected = expected_tokens([a] * (costs.k_max - 1))
+        later = [priors.at(p) for p in range(2, costs.k_max)] if priors is not None else [a] * (costs.k_max - 2)
+        expected = expected_tokens(([a] + later)[:costs.k_max - 1])
         for g in range(1, len(expected)):
             t = costs(g + 1) + g * row_ms
             if expected[g] / t > best_tokens / best_ms:
@@ -293,9 +332,10 @@ class SpeculationControl:
     # best, so its estimate errs high more often than low
     MARGIN = 1.05
 
-    def __init__(self, costs: BatchCosts, adaptive: bool = True, fixed_length: Optional[int] = None):
+    def __init__(self, costs: BatchCosts, adaptive: bool = True, fixed_length: Optional[int] = None,
+                 head: Optional[HeadPriors] = None):
         self.costs = costs
-        self.tracker = AcceptanceTracker()
+        self.tracker = AcceptanceTracker(head=head)
         self.adaptive = adaptive
         self.fixed_length = fixed_length     # verify exactly this many drafts when there are as many
         self.draft_ms: Dict[str, float] = {}  # per draft token, per drafter (followed as they run)

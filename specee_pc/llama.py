@@ -278,23 +278,25 @@ class Llama(llama_cpp.Llama):
             raise ValueError(f"draft_max must be in [1, 16], got {draft_max}")
         if draft_length is not None and not 1 <= draft_length <= draft_max:
             raise ValueError(f"draft_length must be in [1, draft_max={draft_max}], got {draft_length}")
-        name, path = self._chain_source(drafter, predictor)
+        name, path, head = self._chain_source(drafter, predictor)
+        priors = control_mod.HeadPriors.of(head)
         self.configure_exits(predictor=None)
         self._stop_speculation()
         costs = self._batch_costs(draft_max + 1)
         # auto: a head only where it can pay here (a head row costs about a target layer and a half;
         # its features make prompt processing compute every row's logits)
         if drafter == "auto" and name != "lookup" and \
-                control_mod.head_gain(costs, 1.5 * costs(1) / self.weights.n_layer) <= 0.01:
+                control_mod.head_gain(costs, 1.5 * costs(1) / self.weights.n_layer, priors) <= 0.01:
             name = "lookup"
         chain = self._open_chain(name, path)
         self._owned_chain = chain if isinstance(chain, DraftModelChain) else None
-        self._speculation = (chain, SpeculationControl(costs, adaptive=adaptive, fixed_length=draft_length))
+        self._speculation = (chain, SpeculationControl(costs, adaptive=adaptive, fixed_length=draft_length,
+                                                       head=priors))
         self.feed_hidden_states(chain)
 
     def _chain_source(self, drafter: str, predictor):
-        """(chain drafter name, the predictor file with its head or the draft model path) for the
-        drafter asked for; checked before anything changes."""
+        """(chain drafter name, the predictor file with its head or the draft model path, the head's
+        HeadWeights or None) for the drafter asked for; checked before anything changes."""
         if drafter in ("auto", "head", "head+lookup"):
             path = shipped_predictor_path(self.weights) if predictor == "auto" else predictor
             predictor_file = None
@@ -303,15 +305,15 @@ class Llama(llama_cpp.Llama):
                 predictor_file.check_model(self.weights, path, self.model_path)
             has_head = predictor_file is not None and predictor_file.head is not None
             if drafter == "auto":
-                return ("head+lookup" if has_head else "lookup"), path
+                return ("head+lookup" if has_head else "lookup"), path, predictor_file.head if has_head else None
             if not has_head:
                 raise ValueError(f"speculation with {drafter!r} needs a predictor file with a draft head for this "
                                  "model (calibrate --head), or use 'lookup'")
-            return drafter, path
+            return drafter, path, predictor_file.head
         if drafter == "lookup":
-            return drafter, None
+            return drafter, None, None
         if isinstance(drafter, str) and drafter.endswith(".gguf"):
-            return "model", drafter
+            return "model", drafter, None
         names = ", ".join(repr(name) for name in CHAIN_DRAFTERS)
         raise ValueError(f"unknown speculation drafter {drafter!r}: use {names}, 'none' or a draft model .gguf path")
 
@@ -417,6 +419,10 @@ class Llama(llama_cpp.Llama):
     def hidden_state(self, layer: int) -> np.ndarray:
         """Residual stream after `layer` for the last token of the last decode step."""
         return self._hook.hidden(layer)
+
+    def output_logits(self, n_rows: int) -> np.ndarray:
+        """The last decode batch's logits, [n_rows, n_vocab] (a view; valid until the next decode)."""
+        return np.ctypeslib.as_array(self._ctx.get_logits(), shape=(n_rows * self._n_vocab,)).reshape(n_rows, -1)
 
     # ------------------------------------------------------------------ decoding
 

@@ -15,6 +15,11 @@ Layout (general.architecture = "specee-predictor"):
 Optional EAGLE-1 draft head (native/head.cpp runs it; specee_pc.head_model is its torch twin):
   specee.head.{n_head,n_head_kv,head_dim,n_ff,rope_freq_base,norm_eps}
   specee.head.top_k_hit_rate                   held-out share of steps whose greedy token is in its top k
+  specee.head.chain_acceptance [P] f32         optional: held-out acceptance of its chains' drafts at
+                                               positions 1..P (given the drafts before were accepted)
+  specee.head.bucket_acceptance [P*B] f32      ... by position and by the head's probability of its
+  specee.head.bucket_share [P*B] f32           draft (B buckets, control.HEAD_BUCKETS), and how often
+                                               each bucket comes: the speculation control's priors
   head.vocab [N] i32                           draft vocabulary: target token ids
   head.fc.weight [d, 2d], head.fc.bias [d], head.attn_{q,k,v,output}.weight, head.ffn_norm.weight,
   head.ffn_{gate,up,down}.weight               (torch's [out, in]; f16, q8_0 or q4_0 matrices)
@@ -72,6 +77,9 @@ class HeadWeights:
     tensors: Dict[str, np.ndarray]          # HEAD_MATRICES + HEAD_VECTORS, without the "head." prefix
     tensor_type: str = "q8_0"               # storage type of the matrices
     top_k_hit_rate: float = float("nan")
+    acceptance: Optional[np.ndarray] = None         # [P] chain acceptance by position (None: not measured)
+    bucket_acceptance: Optional[np.ndarray] = None  # [P, B] ... by position and probability bucket
+    bucket_share: Optional[np.ndarray] = None       # [P, B] how often each bucket comes at each position
 
 
 @dataclass
@@ -179,6 +187,10 @@ def add_head(writer, head: HeadWeights) -> None:
     writer.add_float32("specee.head.rope_freq_base", float(head.rope_freq_base))
     writer.add_float32("specee.head.norm_eps", float(head.norm_eps))
     writer.add_float32("specee.head.top_k_hit_rate", float(head.top_k_hit_rate))
+    if head.acceptance is not None:
+        writer.add_array("specee.head.chain_acceptance", [float(x) for x in head.acceptance])
+        writer.add_array("specee.head.bucket_acceptance", [float(x) for x in np.ravel(head.bucket_acceptance)])
+        writer.add_array("specee.head.bucket_share", [float(x) for x in np.ravel(head.bucket_share)])
     writer.add_tensor("head.vocab", np.ascontiguousarray(head.vocab, dtype=np.int32))
     qtype = gguf.GGMLQuantizationType[head.tensor_type.upper()]
     for name in HEAD_MATRICES:
@@ -207,11 +219,17 @@ def read_head(reader, value) -> Optional[HeadWeights]:
             gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else np.asarray(t.data)
         weights[name] = np.asarray(data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
     matrix_type = tensors["head.fc.weight"].tensor_type.name.lower()
-    return HeadWeights(int(value("specee.head.n_head")), int(value("specee.head.n_head_kv")),
+    head = HeadWeights(int(value("specee.head.n_head")), int(value("specee.head.n_head_kv")),
                        int(value("specee.head.head_dim")), int(value("specee.head.n_ff")),
                        float(value("specee.head.rope_freq_base")), float(value("specee.head.norm_eps")),
                        np.asarray(tensors["head.vocab"].data, dtype=np.int32).copy(), weights, matrix_type,
                        float(value("specee.head.top_k_hit_rate")))
+    if "specee.head.chain_acceptance" in reader.fields:
+        head.acceptance = np.asarray(value("specee.head.chain_acceptance"), np.float32)
+        table = (len(head.acceptance), -1)
+        head.bucket_acceptance = np.asarray(value("specee.head.bucket_acceptance"), np.float32).reshape(table)
+        head.bucket_share = np.asarray(value("specee.head.bucket_share"), np.float32).reshape(table)
+    return head
 
 
 def read_predictor_file(path: str) -> PredictorFile:

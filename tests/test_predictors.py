@@ -171,18 +171,24 @@ def test_calibrate_with_draft_head(model_path, tmp_path):
     prompt lookup), and the file then drafts with them by default."""
     out = tmp_path / "head.specee.gguf"
     command = tiny_calibrate_command(model_path, tmp_path, out, "--head", "--head-epochs", "1", "--head-tokens", "12",
-                                     "--head-vocab", "512", "--head-ff", "64")
+                                     "--head-vocab", "512", "--head-ff", "64", "--head-data", "code,prompts",
+                                     "--head-budget", "600", "--head-levels", "2")
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "draft head: held-out top-4 hit rate" in done.stdout
+    assert "draft head: held-out chain acceptance by position" in done.stdout
     predictors = read_predictor_file(str(out))
     assert predictors.drafter == "head+lookup" and len(predictors.head.vocab) == 512 and predictors.head.n_ff == 64
+    assert predictors.head.acceptance.shape == (4,) and predictors.head.bucket_share.shape == (4, 5)
     report = json.loads((tmp_path / "head.specee.gguf.report.json").read_text())
-    assert 0 <= report["draft_head"]["native_top_k_hit_rate"] <= report["draft_head"]["vocab_coverage"] <= 1
+    head = report["draft_head"]
+    assert 0 <= head["native_top_k_hit_rate"] <= head["vocab_coverage"] <= 1
+    assert 0 < head["teacher_forced_rows"] < head["train_rows"] and head["data"] == ["code", "prompts"]
     assert len(os.listdir(tmp_path / "head.specee.gguf.calib" / "train-head+lookup")) == 4
+    assert [p.name for p in (tmp_path / "head.specee.gguf.calib" / "head" / "text").iterdir()] == ["code-00000.npz"]
     inspected = subprocess.run([sys.executable, "-m", "specee_pc.cli", "convert", "--inspect", str(out)],
                                capture_output=True, text=True, cwd=tmp_path)
     assert "draft head    EAGLE-1" in inspected.stdout and "draft vocabulary 512 tokens" in inspected.stdout
+    assert "held-out acceptance by position" in inspected.stdout
     llm = specee_pc.Llama(model_path, n_ctx=512, n_threads=2, verbose=False, predictor=str(out))
     assert type(llm.exit_drafter).__name__ == "HeadLookupDrafter"
     llm.create_completion("Count from one to twenty: one, two, three,", max_tokens=24, temperature=0.0)

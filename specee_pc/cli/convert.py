@@ -137,6 +137,11 @@ def inspect(path: str) -> str:
         lines.append(f"  draft head    EAGLE-1, {h.n_head} heads ({h.n_head_kv} KV) x {h.head_dim}, ffn {h.n_ff}, "
                      f"{h.tensor_type}, draft vocabulary {len(h.vocab)} tokens, held-out top-{p.k} hit rate "
                      f"{h.top_k_hit_rate:.3f}")
+        if h.acceptance is not None:
+            lines.append("  chain         held-out acceptance by position "
+                         + " ".join(f"{a:.3f}" for a in h.acceptance)
+                         + "; by probability bucket (position 1) "
+                         + " ".join(f"{a:.2f}" for a in h.bucket_acceptance[0]))
     return "\n".join(lines)
 
 
