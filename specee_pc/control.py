@@ -260,11 +260,11 @@ def head_gain(costs: BatchCosts, row_ms: float, priors: Optional[HeadPriors] = N
     verify the best chain of them. With the head's measured priors, its first draft by bucket and
     the later positions' acceptance; without, HEAD_PROFILE and later drafts as likely as the first."""
     profile = priors.profile() if priors is not None else HEAD_PROFILE
+    later = [priors.at(p) for p in range(2, costs.k_max)] if priors is not None else None
     tokens = ms = 0.0
     for freq, a in profile:
         best_tokens, best_ms = 1.0, costs(1) + row_ms
-        later = [priors.at(p) for p in range(2, costs.k_max)] if priors is not None else [a] * (costs.k_max - 2)
-        expected = expected_tokens(([a] + later)[:costs.k_max - 1])
+        expected = expected_tokens([a] + (later if later is not None else [a] * (costs.k_max - 2)))
         for g in range(1, len(expected)):
             t = costs(g + 1) + g * row_ms
             if expected[g] / t > best_tokens / best_ms:

@@ -16,10 +16,11 @@ complete and remembers where its source continues, so an interrupted collection 
 larger token budget later extends it.
 """
 import ast
+import functools
 import json
 import os
 import sysconfig
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -41,22 +42,30 @@ def sharegpt_path() -> str:
 
 
 def sharegpt_conversations(path: Optional[str] = None, skip: int = SHAREGPT_EVAL_RECORDS) -> Iterator[Conversation]:
-    """Conversations of the ShareGPT JSON array from record `skip` on; its end is truncated in the
-    package, so records are parsed one by one and the parse stops at the first incomplete one."""
-    with open(path or sharegpt_path(), encoding="utf-8") as f:
+    """Conversations of the ShareGPT JSON array from record `skip` on (parsed once per process:
+    the text and the answers to its first turns both read it)."""
+    return iter(parsed_sharegpt(path or sharegpt_path(), skip))
+
+
+@functools.lru_cache(maxsize=1)
+def parsed_sharegpt(path: str, skip: int) -> Tuple[Conversation, ...]:
+    """Its end is truncated in the package, so records are parsed one by one and the parse stops
+    at the first incomplete one."""
+    with open(path, encoding="utf-8") as f:
         text = f.read()
     decoder = json.JSONDecoder()
     at = text.index("[") + 1
     index = 0
+    out = []
     while True:
         while at < len(text) and text[at] in " \t\r\n,":
             at += 1
         if at >= len(text) or text[at] == "]":
-            return
+            break
         try:
             record, at = decoder.raw_decode(text, at)
         except json.JSONDecodeError:
-            return  # the truncated tail
+            break  # the truncated tail
         index += 1
         if index <= skip:
             continue
@@ -65,7 +74,8 @@ def sharegpt_conversations(path: Optional[str] = None, skip: int = SHAREGPT_EVAL
         while turns and turns[0]["role"] != "user":
             turns = turns[1:]
         if len(turns) >= 2 and all(t["role"] and t["content"].strip() for t in turns):
-            yield turns
+            out.append(turns)
+    return tuple(out)
 
 
 def code_conversations(root: Optional[str] = None) -> Iterator[Conversation]:

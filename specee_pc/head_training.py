@@ -112,11 +112,13 @@ def collect_sequences(llm, prompts: Sequence[Prompt], work_dir: str, n_new: int,
             if "exit_layer" not in f:
                 raise ValueError(f"{work_dir}: head data from an older specee-pc (no exit-layer states): "
                                  f"delete it to record the data again")
-    traces = []
-    for path in record_shards(prompts, work_dir, record, description):
-        with np.load(path) as f:
-            traces.append(Trace(f["tokens"], f["hidden"], int(f["n_prompt"]), f["exit_hidden"], f["exit_layer"]))
-    return traces
+    return [load_trace(path) for path in record_shards(prompts, work_dir, record, description)]
+
+
+def load_trace(path: str) -> Trace:
+    """One prompt's shard as collect_sequences recorded it."""
+    with np.load(path) as f:
+        return Trace(f["tokens"], f["hidden"], int(f["n_prompt"]), f["exit_hidden"], f["exit_layer"])
 
 
 @dataclass

@@ -268,7 +268,7 @@ def read_predictor_file(path: str) -> PredictorFile:
         model_arch=value("specee.model.arch"), model_n_layer=int(value("specee.model.n_layer")),
         model_n_embd=int(value("specee.model.n_embd")), model_n_vocab=int(value("specee.model.n_vocab")),
         k=int(value("specee.k")), threshold=float(value("specee.threshold")),
-        offline_layers=[int(x) for x in value("specee.offline_layers")],
+        offline_layers=[int(x) for x in value("specee.offline_layers", [])],  # a head alone: none written
         online_offsets=[int(x) for x in value("specee.online_offsets")], layers=layers,
         model_name=value("specee.model.name", ""), model_fingerprint=value("specee.model.fingerprint", ""),
         drafter=value("specee.drafter", "ngram"), features=value("specee.features", FEATURES),

@@ -11,10 +11,8 @@ import argparse
 import glob
 import os
 
-import numpy as np
-
 from specee_pc.head_model import DraftHeadModel
-from specee_pc.head_training import Trace, build_rows, chain_acceptance, hit_rates
+from specee_pc.head_training import build_rows, chain_acceptance, hit_rates, load_trace
 from specee_pc.llama import Llama
 from specee_pc.predictor_file import read_predictor_file
 
@@ -26,10 +24,7 @@ def main() -> None:
     p.add_argument("files", nargs="+")
     args = p.parse_args()
     llm = Llama(args.model, n_ctx=512, n_threads=2, verbose=False)
-    traces = []
-    for path in sorted(glob.glob(os.path.join(args.held_out, "*.npz"))):
-        with np.load(path) as f:
-            traces.append(Trace(f["tokens"], f["hidden"], int(f["n_prompt"]), f["exit_hidden"], f["exit_layer"]))
+    traces = [load_trace(path) for path in sorted(glob.glob(os.path.join(args.held_out, "*.npz")))]
     rows = build_rows(llm.weights, traces)
     print(f"{len(traces)} held-out answers, {sum(int(r.generated.sum()) for r in rows)} generated tokens")
     print("| file | position 1 | 2 | 3 | 4 | top-1 | top-4 | vocabulary coverage |")
