@@ -21,7 +21,7 @@ namespace py = pybind11;
 namespace {
 
 using float_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
-using int_array   = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+using int_array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
 class Weights {
   public:
@@ -34,9 +34,7 @@ class Weights {
 
     const specee_weights_info & info() const { return info_; }
 
-    float_array output_norm() const {
-        return float_array(info_.n_embd, specee_weights_output_norm(w_.get()));
-    }
+    float_array output_norm() const { return float_array(info_.n_embd, specee_weights_output_norm(w_.get())); }
 
     float_array lm_head_rows(const std::vector<int32_t> & ids) const {
         float_array rows({(py::ssize_t) ids.size(), (py::ssize_t) info_.n_embd});
@@ -72,7 +70,9 @@ class Weights {
     const specee_weights * get() const { return w_.get(); }
 
   private:
-    struct deleter { void operator()(specee_weights * w) const { specee_weights_free(w); } };
+    struct deleter {
+        void operator()(specee_weights * w) const { specee_weights_free(w); }
+    };
     std::unique_ptr<specee_weights, deleter> w_;
     specee_weights_info info_{};
 };
@@ -80,17 +80,19 @@ class Weights {
 class ExitController {
   public:
     ExitController(const Weights & weights, int32_t n_threads)
-        : n_embd_(weights.info().n_embd), n_vocab_(weights.info().n_vocab), e_(specee_exit_init(weights.get(), n_threads)) {}
+        : n_embd_(weights.info().n_embd), n_vocab_(weights.info().n_vocab),
+          e_(specee_exit_init(weights.get(), n_threads)) {}
 
     specee_exit * get() { return e_.get(); }
 
-    void set_predictor(int32_t il, const float_array & fc1_w, const float_array & fc1_b, const float_array & fc2_w, float fc2_b) {
-        if (fc1_w.ndim() != 2 || fc1_b.ndim() != 1 || fc2_w.ndim() != 1 ||
-            fc1_b.shape(0) != fc1_w.shape(0) || fc2_w.shape(0) != fc1_w.shape(0)) {
+    void set_predictor(int32_t il, const float_array & fc1_w, const float_array & fc1_b, const float_array & fc2_w,
+                       float fc2_b) {
+        if (fc1_w.ndim() != 2 || fc1_b.ndim() != 1 || fc2_w.ndim() != 1 || fc1_b.shape(0) != fc1_w.shape(0) ||
+            fc2_w.shape(0) != fc1_w.shape(0)) {
             throw py::value_error("predictor shapes must be fc1_w [H, F], fc1_b [H], fc2_w [H]");
         }
-        if (!specee_exit_set_predictor(e_.get(), il, (int32_t) fc1_w.shape(0), (int32_t) fc1_w.shape(1),
-                                       fc1_w.data(), fc1_b.data(), fc2_w.data(), fc2_b)) {
+        if (!specee_exit_set_predictor(e_.get(), il, (int32_t) fc1_w.shape(0), (int32_t) fc1_w.shape(1), fc1_w.data(),
+                                       fc1_b.data(), fc2_w.data(), fc2_b)) {
             throw py::value_error("bad predictor for layer " + std::to_string(il) +
                                   ": layer out of range, or feature count not 3k or not the same for all layers");
         }
@@ -99,11 +101,16 @@ class ExitController {
         if (rule != SPECEE_RULE_VERIFY && rule != SPECEE_RULE_CANDIDATES) throw py::value_error("unknown exit rule");
         specee_exit_set_rule(e_.get(), (specee_exit_rule) rule, threshold, threshold_unmatched);
     }
-    void set_schedule(const std::vector<int32_t> & layers) { specee_exit_set_schedule(e_.get(), layers.data(), (int32_t) layers.size()); }
-    void set_forced(const std::vector<int32_t> & layers) { specee_exit_set_forced(e_.get(), layers.data(), (int32_t) layers.size()); }
+    void set_schedule(const std::vector<int32_t> & layers) {
+        specee_exit_set_schedule(e_.get(), layers.data(), (int32_t) layers.size());
+    }
+    void set_forced(const std::vector<int32_t> & layers) {
+        specee_exit_set_forced(e_.get(), layers.data(), (int32_t) layers.size());
+    }
     void set_candidates(const std::vector<int32_t> & ids, const std::vector<uint8_t> & matched) {
         if (!matched.empty() && matched.size() != ids.size()) throw py::value_error("one matched flag per candidate");
-        if (!specee_exit_set_candidates(e_.get(), ids.data(), matched.empty() ? nullptr : matched.data(), (int32_t) ids.size())) {
+        if (!specee_exit_set_candidates(e_.get(), ids.data(), matched.empty() ? nullptr : matched.data(),
+                                        (int32_t) ids.size())) {
             throw py::index_error("candidate token id out of range [0, " + std::to_string(n_vocab_) + ")");
         }
     }
@@ -122,7 +129,8 @@ class ExitController {
     }
 
     bool check_layer(int32_t il, const float_array & hidden) {
-        if (hidden.ndim() != 1 || hidden.shape(0) != n_embd_) throw py::value_error("hidden state must have n_embd values");
+        if (hidden.ndim() != 1 || hidden.shape(0) != n_embd_)
+            throw py::value_error("hidden state must have n_embd values");
         return specee_exit_check_layer(e_.get(), il, hidden.data());
     }
 
@@ -146,7 +154,9 @@ class ExitController {
     }
 
   private:
-    struct deleter { void operator()(specee_exit * e) const { specee_exit_free(e); } };
+    struct deleter {
+        void operator()(specee_exit * e) const { specee_exit_free(e); }
+    };
     int32_t n_embd_;
     int32_t n_vocab_;
     std::unique_ptr<specee_exit, deleter> e_;
@@ -169,9 +179,7 @@ class DraftHead {
         return std::vector<int32_t>(v, v + info_.n_draft_vocab);
     }
 
-    float_array logits() const {
-        return float_array(info_.n_draft_vocab, specee_head_logits(h_.get()));
-    }
+    float_array logits() const { return float_array(info_.n_draft_vocab, specee_head_logits(h_.get())); }
 
     void set_features(int32_t pos, const float_array & hidden) {
         if (hidden.ndim() != 2 || hidden.shape(1) != n_embd_) throw py::value_error("features must be [n, n_embd]");
@@ -207,13 +215,14 @@ class DraftHead {
     }
 
     // merged with prompt lookup (specee_head_lookup_propose)
-    std::vector<int32_t> lookup_propose(const int_array & tokens, int32_t k, int32_t lead, int32_t max_ngram, int32_t window) {
+    std::vector<int32_t> lookup_propose(const int_array & tokens, int32_t k, int32_t lead, int32_t max_ngram,
+                                        int32_t window) {
         return merged(tokens, k, lead, max_ngram, window, nullptr);
     }
 
     // the same with the flags the exit controller's unmatched threshold reads
-    std::pair<std::vector<int32_t>, std::vector<bool>> lookup_propose_flagged(const int_array & tokens, int32_t k,
-                                                                              int32_t lead, int32_t max_ngram, int32_t window) {
+    std::pair<std::vector<int32_t>, std::vector<bool>>
+    lookup_propose_flagged(const int_array & tokens, int32_t k, int32_t lead, int32_t max_ngram, int32_t window) {
         std::vector<uint8_t> matched(std::max(k, 0));
         std::vector<int32_t> ids = merged(tokens, k, lead, max_ngram, window, matched.data());
         return {ids, std::vector<bool>(matched.begin(), matched.begin() + ids.size())};
@@ -229,8 +238,10 @@ class DraftHead {
         if (rows < 1) throw py::value_error("forward needs at least 2 tokens");
         float_array hidden({rows, (py::ssize_t) n_embd_});
         float_array logits({rows, (py::ssize_t) info_.n_draft_vocab});
-        if (!specee_head_forward(h_.get(), tokens.data(), (int32_t) tokens.size(), hidden.mutable_data(), logits.mutable_data())) {
-            throw py::value_error("draft head forward failed: features missing for these positions, or too many tokens");
+        if (!specee_head_forward(h_.get(), tokens.data(), (int32_t) tokens.size(), hidden.mutable_data(),
+                                 logits.mutable_data())) {
+            throw py::value_error(
+                "draft head forward failed: features missing for these positions, or too many tokens");
         }
         return py::make_tuple(hidden, logits);
     }
@@ -241,7 +252,8 @@ class DraftHead {
     // matched: NULL, or room for k flags
     std::vector<int32_t> merged(const int_array & tokens, int32_t k, int32_t lead, int32_t max_ngram, int32_t window,
                                 uint8_t * matched) {
-        if (max_ngram < 1 || window < 1) throw py::value_error("prompt lookup needs max_ngram and window of at least 1");
+        if (max_ngram < 1 || window < 1)
+            throw py::value_error("prompt lookup needs max_ngram and window of at least 1");
         if (lead < 0) throw py::value_error("lead: how many of the head's candidates come first, at least 0");
         std::vector<int32_t> out(std::max(k, 0));
         int32_t n;
@@ -254,7 +266,9 @@ class DraftHead {
         return out;
     }
 
-    struct deleter { void operator()(specee_head * h) const { specee_head_free(h); } };
+    struct deleter {
+        void operator()(specee_head * h) const { specee_head_free(h); }
+    };
     int32_t n_embd_;
     std::unique_ptr<specee_head, deleter> h_;
     specee_head_info info_{};
@@ -308,9 +322,13 @@ class Hook {
 
   private:
     void check_layer(int32_t il) const {
-        if (il < 0 || il >= n_layer_) throw py::index_error("layer " + std::to_string(il) + " out of range [0, " + std::to_string(n_layer_) + ")");
+        if (il < 0 || il >= n_layer_)
+            throw py::index_error("layer " + std::to_string(il) + " out of range [0, " + std::to_string(n_layer_) +
+                                  ")");
     }
-    struct deleter { void operator()(specee_hook * h) const { specee_hook_free(h); } };
+    struct deleter {
+        void operator()(specee_hook * h) const { specee_hook_free(h); }
+    };
     int32_t n_layer_;
     int32_t n_embd_;
     std::unique_ptr<specee_hook, deleter> h_;
@@ -336,25 +354,33 @@ PYBIND11_MODULE(_native, m) {
         .def("lm_head_rows", &Weights::lm_head_rows, py::arg("ids"))
         .def("final_norm", &Weights::final_norm, py::arg("x"))
         .def("embd_rows", &Weights::embd_rows, py::arg("ids"))
-        .def("lm_head_logits", [](const Weights & w, const float_array & z, int32_t n_threads) {
-            if (z.ndim() != 1 || z.shape(0) != w.info().n_embd) throw py::value_error("lm_head_logits expects n_embd values");
-            float_array out(w.info().n_vocab);
-            {
-                py::gil_scoped_release release;
-                specee_weights_lm_head_logits(w.get(), z.data(), out.mutable_data(), n_threads);
-            }
-            return out;
-        }, py::arg("z"), py::arg("n_threads") = 1);
+        .def(
+            "lm_head_logits",
+            [](const Weights & w, const float_array & z, int32_t n_threads) {
+                if (z.ndim() != 1 || z.shape(0) != w.info().n_embd)
+                    throw py::value_error("lm_head_logits expects n_embd values");
+                float_array out(w.info().n_vocab);
+                {
+                    py::gil_scoped_release release;
+                    specee_weights_lm_head_logits(w.get(), z.data(), out.mutable_data(), n_threads);
+                }
+                return out;
+            },
+            py::arg("z"), py::arg("n_threads") = 1);
 
-    m.def("cpu_buffer_type_address", []() { return reinterpret_cast<uintptr_t>(ggml_backend_cpu_buffer_type()); },
-          "ggml's CPU buffer type, for llama_model_params.tensor_buft_overrides");
+    m.def(
+        "cpu_buffer_type_address", []() { return reinterpret_cast<uintptr_t>(ggml_backend_cpu_buffer_type()); },
+        "ggml's CPU buffer type, for llama_model_params.tensor_buft_overrides");
 
-    m.def("cpu_extra_buffer_types", []() {
-              std::vector<std::string> names;
-              while (const char * name = specee_cpu_extra_buffer_type_name((int32_t) names.size())) names.emplace_back(name);
-              return names;
-          },
-          "names of the CPU backend's extra buffer types, where llama.cpp stores repacked weights");
+    m.def(
+        "cpu_extra_buffer_types",
+        []() {
+            std::vector<std::string> names;
+            while (const char * name = specee_cpu_extra_buffer_type_name((int32_t) names.size()))
+                names.emplace_back(name);
+            return names;
+        },
+        "names of the CPU backend's extra buffer types, where llama.cpp stores repacked weights");
 
     m.attr("RULE_VERIFY") = (int) SPECEE_RULE_VERIFY;
     m.attr("RULE_CANDIDATES") = (int) SPECEE_RULE_CANDIDATES;
@@ -363,10 +389,12 @@ PYBIND11_MODULE(_native, m) {
         .def(py::init<const Weights &, int32_t>(), py::arg("weights"), py::arg("n_threads") = 1, py::keep_alive<1, 2>())
         .def("set_predictor", &ExitController::set_predictor, py::arg("layer"), py::arg("fc1_w"), py::arg("fc1_b"),
              py::arg("fc2_w"), py::arg("fc2_b"))
-        .def("set_rule", &ExitController::set_rule, py::arg("rule"), py::arg("threshold"), py::arg("threshold_unmatched"))
+        .def("set_rule", &ExitController::set_rule, py::arg("rule"), py::arg("threshold"),
+             py::arg("threshold_unmatched"))
         .def("set_schedule", &ExitController::set_schedule, py::arg("layers"))
         .def("set_forced", &ExitController::set_forced, py::arg("layers"))
-        .def("set_candidates", &ExitController::set_candidates, py::arg("ids"), py::arg("matched") = std::vector<uint8_t>(),
+        .def("set_candidates", &ExitController::set_candidates, py::arg("ids"),
+             py::arg("matched") = std::vector<uint8_t>(),
              "candidate ids and, per candidate, whether prompt lookup found it (empty: all)")
         .def("begin_step", &ExitController::begin_step)
         .def("score", &ExitController::score, py::arg("layer"), py::arg("features"),
@@ -377,17 +405,20 @@ PYBIND11_MODULE(_native, m) {
         .def("logits", &ExitController::logits);
 
     py::class_<DraftHead>(m, "DraftHead", "EAGLE-1 draft head of a predictor file, run with ggml")
-        .def(py::init<const std::string &, const Weights &, int32_t, int32_t, bool>(), py::arg("path"), py::arg("weights"),
-             py::arg("n_ctx"), py::arg("n_threads") = 1, py::arg("gpu") = false, py::keep_alive<1, 3>())
+        .def(py::init<const std::string &, const Weights &, int32_t, int32_t, bool>(), py::arg("path"),
+             py::arg("weights"), py::arg("n_ctx"), py::arg("n_threads") = 1, py::arg("gpu") = false,
+             py::keep_alive<1, 3>())
         .def_property_readonly("n_draft_vocab", [](const DraftHead & h) { return h.info().n_draft_vocab; })
-        .def_property_readonly("n_repacked", [](const DraftHead & h) { return h.info().n_repacked; },
-                               "matrices held repacked for the CPU's faster kernels (of 6: fc, qkv, output, "
-                               "gate_up, down, LM-head rows)")
-        .def_property_readonly("rows_run", [](DraftHead & h) { return specee_head_rows_run(h.get()); },
-                               "rows computed since creation")
+        .def_property_readonly(
+            "n_repacked", [](const DraftHead & h) { return h.info().n_repacked; },
+            "matrices held repacked for the CPU's faster kernels (of 6: fc, qkv, output, "
+            "gate_up, down, LM-head rows)")
+        .def_property_readonly(
+            "rows_run", [](DraftHead & h) { return specee_head_rows_run(h.get()); }, "rows computed since creation")
         .def("vocab", &DraftHead::vocab)
         .def("logits", &DraftHead::logits)
-        .def("reset", [](DraftHead & h) { specee_head_reset(h.get()); }, "forget every stored feature and cached row")
+        .def(
+            "reset", [](DraftHead & h) { specee_head_reset(h.get()); }, "forget every stored feature and cached row")
         .def("set_features", &DraftHead::set_features, py::arg("pos"), py::arg("hidden"),
              "the target's hidden states (before the final norm) at positions pos, pos+1, ...")
         .def("propose", &DraftHead::propose, py::arg("tokens"), py::arg("k"),
@@ -398,42 +429,45 @@ PYBIND11_MODULE(_native, m) {
         .def("lookup_propose", &DraftHead::lookup_propose, py::arg("tokens"), py::arg("k"), py::arg("lead"),
              py::arg("max_ngram") = 3, py::arg("window") = 1024,
              "the head's top lead, then prompt-lookup matches, then the head's next")
-        .def("lookup_propose_flagged", &DraftHead::lookup_propose_flagged, py::arg("tokens"), py::arg("k"), py::arg("lead"),
-             py::arg("max_ngram") = 3, py::arg("window") = 1024,
+        .def("lookup_propose_flagged", &DraftHead::lookup_propose_flagged, py::arg("tokens"), py::arg("k"),
+             py::arg("lead"), py::arg("max_ngram") = 3, py::arg("window") = 1024,
              "(ids, matched): lookup_propose's candidates and whether lookup found each")
         .def("prefill", &DraftHead::prefill, py::arg("tokens"),
              "after a prompt: run the rows its tokens determine (False when a feature is missing)")
-        .def("time_lm_head", [](DraftHead & h, int32_t n_runs) { return specee_head_time_lm_head(h.get(), n_runs); },
-             py::arg("n_runs") = 50, "median ms of the draft-vocabulary LM head alone")
+        .def(
+            "time_lm_head", [](DraftHead & h, int32_t n_runs) { return specee_head_time_lm_head(h.get(), n_runs); },
+            py::arg("n_runs") = 50, "median ms of the draft-vocabulary LM head alone")
         .def("forward", &DraftHead::forward, py::arg("tokens"), "rows 0..n-2 afresh: (hidden [n-1, n_embd], logits)");
 
-    m.def("lookup_matches",
-          [](const py::array_t<int32_t, py::array::c_style> & tokens, int32_t k, int32_t max_ngram, int32_t window) {
-              if (tokens.ndim() != 1) throw py::value_error("lookup_matches: tokens must be one-dimensional");
-              // at most one match per earlier position
-              std::vector<int32_t> out(std::max<int64_t>(0, std::min<int64_t>(k, tokens.size())));
-              out.resize(specee_lookup_matches(tokens.data(), (int32_t) tokens.size(), k, max_ngram, window,
-                                               out.data()));
-              return out;
-          },
-          py::arg("tokens"), py::arg("k"), py::arg("max_ngram") = 3, py::arg("window") = 1024,
-          "prompt lookup: up to k tokens that followed the context's last n-gram, longest and latest first");
+    m.def(
+        "lookup_matches",
+        [](const py::array_t<int32_t, py::array::c_style> & tokens, int32_t k, int32_t max_ngram, int32_t window) {
+            if (tokens.ndim() != 1) throw py::value_error("lookup_matches: tokens must be one-dimensional");
+            // at most one match per earlier position
+            std::vector<int32_t> out(std::max<int64_t>(0, std::min<int64_t>(k, tokens.size())));
+            out.resize(specee_lookup_matches(tokens.data(), (int32_t) tokens.size(), k, max_ngram, window, out.data()));
+            return out;
+        },
+        py::arg("tokens"), py::arg("k"), py::arg("max_ngram") = 3, py::arg("window") = 1024,
+        "prompt lookup: up to k tokens that followed the context's last n-gram, longest and latest first");
 
-    m.def("lookup_continuation",
-          [](const py::array_t<int32_t, py::array::c_style> & tokens, int32_t min_ngram, int32_t max_ngram,
-             int32_t window, int32_t max_len) {
-              if (tokens.ndim() != 1) throw py::value_error("lookup_continuation: tokens must be one-dimensional");
-              if (min_ngram < 1 || max_ngram < min_ngram || window < 2 || max_len < 1) {
-                  throw py::value_error("lookup_continuation: need 1 <= min_ngram <= max_ngram, window >= 2, max_len >= 1");
-              }
-              std::vector<int32_t> out(max_len);
-              int32_t match = 0;
-              out.resize(specee_lookup_continuation(tokens.data(), (int32_t) tokens.size(), min_ngram, max_ngram, window,
-                                                    max_len, out.data(), &match));
-              return std::make_pair(out, match);
-          },
-          py::arg("tokens"), py::arg("min_ngram"), py::arg("max_ngram"), py::arg("window"), py::arg("max_len"),
-          "(tokens, n-gram length): what followed the latest earlier occurrence of the longest suffix n-gram");
+    m.def(
+        "lookup_continuation",
+        [](const py::array_t<int32_t, py::array::c_style> & tokens, int32_t min_ngram, int32_t max_ngram,
+           int32_t window, int32_t max_len) {
+            if (tokens.ndim() != 1) throw py::value_error("lookup_continuation: tokens must be one-dimensional");
+            if (min_ngram < 1 || max_ngram < min_ngram || window < 2 || max_len < 1) {
+                throw py::value_error(
+                    "lookup_continuation: need 1 <= min_ngram <= max_ngram, window >= 2, max_len >= 1");
+            }
+            std::vector<int32_t> out(max_len);
+            int32_t match = 0;
+            out.resize(specee_lookup_continuation(tokens.data(), (int32_t) tokens.size(), min_ngram, max_ngram, window,
+                                                  max_len, out.data(), &match));
+            return std::make_pair(out, match);
+        },
+        py::arg("tokens"), py::arg("min_ngram"), py::arg("max_ngram"), py::arg("window"), py::arg("max_len"),
+        "(tokens, n-gram length): what followed the latest earlier occurrence of the longest suffix n-gram");
 
     py::class_<Hook>(m, "Hook", "Native eval callback that captures per-layer hidden states")
         .def(py::init<int32_t, int32_t>(), py::arg("n_layer"), py::arg("n_embd"))

@@ -10,11 +10,11 @@ namespace {
 
 // one predictor: Linear(F, H) -> ReLU -> Linear(H, 1) -> sigmoid
 struct layer_mlp {
-    int32_t            n_hidden = 0; // 0: no predictor for this layer
-    std::vector<float> fc1_w;        // [n_hidden][n_features]
-    std::vector<float> fc1_b;        // [n_hidden]
-    std::vector<float> fc2_w;        // [n_hidden]
-    float              fc2_b = 0.0f;
+    int32_t n_hidden = 0;     // 0: no predictor for this layer
+    std::vector<float> fc1_w; // [n_hidden][n_features]
+    std::vector<float> fc1_b; // [n_hidden]
+    std::vector<float> fc2_w; // [n_hidden]
+    float fc2_b = 0.0f;
 
     float score(const float * x, int32_t n_features) const {
         float acc = fc2_b;
@@ -40,31 +40,31 @@ struct specee_exit {
     const specee_weights * weights = nullptr;
     int32_t n_layer = 0, n_embd = 0, n_vocab = 0, n_threads = 1;
 
-    std::vector<layer_mlp> mlp;        // [n_layer]
-    int32_t                n_features = 0;
-    specee_exit_rule       rule = SPECEE_RULE_VERIFY;
-    float                  threshold = 0.5f;
-    float                  threshold_unmatched = 0.5f;  // for candidates prompt lookup did not find
+    std::vector<layer_mlp> mlp; // [n_layer]
+    int32_t n_features = 0;
+    specee_exit_rule rule = SPECEE_RULE_VERIFY;
+    float threshold = 0.5f;
+    float threshold_unmatched = 0.5f; // for candidates prompt lookup did not find
 
     std::vector<uint8_t> scheduled;    // [n_layer]
     std::vector<uint8_t> forced;       // [n_layer]
     std::vector<int32_t> cand;         // k candidate ids, drafter's order
     std::vector<uint8_t> cand_matched; // [k] whether prompt lookup found each in the context
-    std::vector<float>   cand_rows;    // [k][n_embd]
+    std::vector<float> cand_rows;      // [k][n_embd]
 
     // per step
     std::vector<float> z, features, p_prev, logits;
-    bool               have_prev = false;
-    specee_exit_step   step{};
+    bool have_prev = false;
+    specee_exit_step step{};
 };
 
 specee_exit * specee_exit_init(const specee_weights * w, int32_t n_threads) {
     const specee_weights_info info = specee_weights_get_info(w);
     auto * e = new specee_exit();
-    e->weights   = w;
-    e->n_layer   = info.n_layer;
-    e->n_embd    = info.n_embd;
-    e->n_vocab   = info.n_vocab;
+    e->weights = w;
+    e->n_layer = info.n_layer;
+    e->n_embd = info.n_embd;
+    e->n_vocab = info.n_vocab;
     e->n_threads = std::max(1, n_threads);
     e->mlp.resize(info.n_layer);
     e->scheduled.assign(info.n_layer, 0);
@@ -79,8 +79,8 @@ void specee_exit_free(specee_exit * e) {
     delete e;
 }
 
-bool specee_exit_set_predictor(specee_exit * e, int32_t il, int32_t n_hidden, int32_t n_features,
-                               const float * fc1_w, const float * fc1_b, const float * fc2_w, float fc2_b) {
+bool specee_exit_set_predictor(specee_exit * e, int32_t il, int32_t n_hidden, int32_t n_features, const float * fc1_w,
+                               const float * fc1_b, const float * fc2_w, float fc2_b) {
     if (il < 0 || il >= e->n_layer || n_hidden <= 0 || n_features <= 0 || n_features % 3 != 0) return false;
     if (e->n_features != 0 && n_features != e->n_features) return false; // one k for all layers
     e->n_features = n_features;
@@ -94,8 +94,8 @@ bool specee_exit_set_predictor(specee_exit * e, int32_t il, int32_t n_hidden, in
 }
 
 void specee_exit_set_rule(specee_exit * e, specee_exit_rule rule, float threshold, float threshold_unmatched) {
-    e->rule                = rule;
-    e->threshold           = threshold;
+    e->rule = rule;
+    e->threshold = threshold;
     e->threshold_unmatched = threshold_unmatched;
 }
 
@@ -124,7 +124,7 @@ bool specee_exit_set_candidates(specee_exit * e, const int32_t * ids, const uint
     if (!specee_weights_lm_head_rows(e->weights, ids, k, rows.data())) return false;
     e->cand.assign(ids, ids + k);
     if (matched) e->cand_matched.assign(matched, matched + k);
-    else         e->cand_matched.assign(k, 1);
+    else e->cand_matched.assign(k, 1);
     e->cand_rows.swap(rows);
     return true;
 }
@@ -146,8 +146,8 @@ static void compute_features(specee_exit * e, const float * hidden) {
     specee_weights_final_norm(e->weights, hidden, e->z.data());
     e->features.assign(3 * k, 0.0f);
     float * lc = e->features.data();
-    float * p  = lc + k;
-    float * d  = p + k;
+    float * p = lc + k;
+    float * d = p + k;
     float max_lc = -INFINITY;
     for (int32_t c = 0; c < k; ++c) {
         const float * row = e->cand_rows.data() + (size_t) c * e->n_embd;

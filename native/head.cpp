@@ -32,14 +32,15 @@
 namespace {
 
 constexpr int GRAPH_SIZE = 256;
-constexpr int32_t MAX_ROWS   = 256;      // rows per graph
+constexpr int32_t MAX_ROWS = 256;        // rows per graph
 constexpr int64_t MAX_SCORES = 16 << 20; // [len, rows, n_head] attention scores per graph (64 MiB of f32)
 constexpr int32_t STEP_LEN_ALIGN = 64;   // a step graph attends over a multiple of this many positions
 
 const char * const WEIGHT_NAMES[] = {
-    "head.fc.weight",        "head.fc.bias",          "head.attn_q.weight",  "head.attn_k.weight",
-    "head.attn_v.weight",    "head.attn_output.weight", "head.ffn_norm.weight", "head.ffn_gate.weight",
-    "head.ffn_up.weight",    "head.ffn_down.weight",
+    "head.fc.weight",       "head.fc.bias",         "head.attn_q.weight",
+    "head.attn_k.weight",   "head.attn_v.weight",   "head.attn_output.weight",
+    "head.ffn_norm.weight", "head.ffn_gate.weight", "head.ffn_up.weight",
+    "head.ffn_down.weight",
 };
 enum weight_index { FC_W, FC_B, WQ, WK, WV, WO, FFN_NORM, W_GATE, W_UP, W_DOWN, N_WEIGHTS };
 
@@ -53,13 +54,15 @@ struct head_error {
 
 uint32_t get_u32(const gguf_context * g, const char * key) {
     const int64_t id = gguf_find_key(g, key);
-    if (id < 0 || gguf_get_kv_type(g, id) != GGUF_TYPE_UINT32) fail(std::string("no draft head in this file (no ") + key + ")");
+    if (id < 0 || gguf_get_kv_type(g, id) != GGUF_TYPE_UINT32)
+        fail(std::string("no draft head in this file (no ") + key + ")");
     return gguf_get_val_u32(g, id);
 }
 
 float get_f32(const gguf_context * g, const char * key) {
     const int64_t id = gguf_find_key(g, key);
-    if (id < 0 || gguf_get_kv_type(g, id) != GGUF_TYPE_FLOAT32) fail(std::string("no draft head in this file (no ") + key + ")");
+    if (id < 0 || gguf_get_kv_type(g, id) != GGUF_TYPE_FLOAT32)
+        fail(std::string("no draft head in this file (no ") + key + ")");
     return gguf_get_val_f32(g, id);
 }
 
@@ -71,51 +74,51 @@ int fused_part(int i) {
 } // namespace
 
 struct head_inputs {
-    ggml_tensor * x, * pos, * mask, * k_idx, * v_idx;
+    ggml_tensor *x, *pos, *mask, *k_idx, *v_idx;
 };
 
 // a built and allocated graph (the one-row step graph is kept across proposals)
 struct head_graph {
-    ggml_context * ctx    = nullptr;
-    ggml_cgraph *  gf     = nullptr;
-    head_inputs    in{};
-    ggml_tensor *  hidden = nullptr; // [n_embd, n]
-    ggml_tensor *  logits = nullptr; // [n_draft_vocab, n or 1]
-    int32_t        len    = 0;       // KV positions its attention spans
+    ggml_context * ctx = nullptr;
+    ggml_cgraph * gf = nullptr;
+    head_inputs in{};
+    ggml_tensor * hidden = nullptr; // [n_embd, n]
+    ggml_tensor * logits = nullptr; // [n_draft_vocab, n or 1]
+    int32_t len = 0;                // KV positions its attention spans
 };
 
 struct specee_head {
     const specee_weights * target = nullptr;
-    specee_head_info       info{};
-    int32_t                n_ctx = 0;
+    specee_head_info info{};
+    int32_t n_ctx = 0;
 
-    ggml_backend_t        backend = nullptr;
-    ggml_threadpool_t     threadpool = nullptr; // CPU: kept across proposals (no thread start per graph)
+    ggml_backend_t backend = nullptr;
+    ggml_threadpool_t threadpool = nullptr;      // CPU: kept across proposals (no thread start per graph)
     ggml_backend_buffer_type_t repack = nullptr; // the CPU backend's repacking buffer type, if any
-    ggml_context *        ctx_w   = nullptr; // vectors, KV cache, matrices not repacked
-    ggml_backend_buffer_t buf_w   = nullptr;
-    ggml_context *        ctx_m   = nullptr; // matrices in the repacking buffer
-    ggml_backend_buffer_t buf_m   = nullptr;
-    ggml_gallocr_t        galloc  = nullptr; // multi-row graphs
-    ggml_gallocr_t        step_galloc = nullptr; // the step graph only: its allocation must outlive other graphs
-    ggml_tensor *         w[N_WEIGHTS] = {}; // WQ/WK/WV and W_GATE/W_UP stay unallocated: read into w_qkv, w_gate_up
-    ggml_tensor *         w_qkv     = nullptr; // [n_embd, q + 2 kv]
-    ggml_tensor *         w_gate_up = nullptr; // [n_embd, 2 n_ff]: gate rows, then up rows
-    ggml_tensor *         lm_rows = nullptr; // [n_embd, n_draft_vocab], the target's type
-    ggml_tensor *         k_cache = nullptr; // [n_head_kv * head_dim, n_ctx]
-    ggml_tensor *         v_cache = nullptr; // [n_ctx, n_head_kv * head_dim]: transposed, attention reads it as is
-    std::vector<int32_t>  vocab;             // draft id -> target id
+    ggml_context * ctx_w = nullptr;              // vectors, KV cache, matrices not repacked
+    ggml_backend_buffer_t buf_w = nullptr;
+    ggml_context * ctx_m = nullptr; // matrices in the repacking buffer
+    ggml_backend_buffer_t buf_m = nullptr;
+    ggml_gallocr_t galloc = nullptr;      // multi-row graphs
+    ggml_gallocr_t step_galloc = nullptr; // the step graph only: its allocation must outlive other graphs
+    ggml_tensor * w[N_WEIGHTS] = {};      // WQ/WK/WV and W_GATE/W_UP stay unallocated: read into w_qkv, w_gate_up
+    ggml_tensor * w_qkv = nullptr;        // [n_embd, q + 2 kv]
+    ggml_tensor * w_gate_up = nullptr;    // [n_embd, 2 n_ff]: gate rows, then up rows
+    ggml_tensor * lm_rows = nullptr;      // [n_embd, n_draft_vocab], the target's type
+    ggml_tensor * k_cache = nullptr;      // [n_head_kv * head_dim, n_ctx]
+    ggml_tensor * v_cache = nullptr;      // [n_ctx, n_head_kv * head_dim]: transposed, attention reads it as is
+    std::vector<int32_t> vocab;           // draft id -> target id
 
-    std::vector<float>   features;    // [n_ctx][n_embd] normed target hidden states by position
-    std::vector<uint8_t> have;        // [n_ctx]
+    std::vector<float> features;       // [n_ctx][n_embd] normed target hidden states by position
+    std::vector<uint8_t> have;         // [n_ctx]
     std::vector<int32_t> cache_tokens; // token of each cached row (row j holds token j + 1)
-    int64_t              rows_run = 0; // rows computed so far (what a proposal cost)
-    std::vector<float>   logits;      // last row's draft-vocabulary logits
-    std::vector<float>   last_hidden; // last row's hidden state: the feature it predicts
-    std::vector<uint8_t> graph_meta;  // tensor and graph structs of a multi-row graph
-    std::vector<uint8_t> step_meta;   // ... of the step graph
-    head_graph           step;
-    std::vector<float>   x, mask;     // graph inputs, kept across proposals (no allocation per step)
+    int64_t rows_run = 0;              // rows computed so far (what a proposal cost)
+    std::vector<float> logits;         // last row's draft-vocabulary logits
+    std::vector<float> last_hidden;    // last row's hidden state: the feature it predicts
+    std::vector<uint8_t> graph_meta;   // tensor and graph structs of a multi-row graph
+    std::vector<uint8_t> step_meta;    // ... of the step graph
+    head_graph step;
+    std::vector<float> x, mask; // graph inputs, kept across proposals (no allocation per step)
     std::vector<int32_t> pos;
     std::vector<int64_t> k_idx, v_idx;
 };
@@ -140,8 +143,9 @@ ggml_backend_buffer_type_t cpu_repack_buffer_type(ggml_backend_dev_t cpu) {
 
 // Whether the CPU backend multiplies by a [ne0, ne1] matrix of this type held in buft
 // (llama.cpp's test for its weights: a mul_mat whose weight sits in an empty buffer of buft)
-bool mul_mat_supported(ggml_backend_dev_t dev, ggml_backend_buffer_type_t buft, ggml_type type, int64_t ne0, int64_t ne1) {
-    ggml_context * ctx = ggml_init(ggml_init_params{ggml_tensor_overhead() * 3, nullptr, /*no_alloc =*/ true});
+bool mul_mat_supported(ggml_backend_dev_t dev, ggml_backend_buffer_type_t buft, ggml_type type, int64_t ne0,
+                       int64_t ne1) {
+    ggml_context * ctx = ggml_init(ggml_init_params{ggml_tensor_overhead() * 3, nullptr, /*no_alloc =*/true});
     ggml_tensor * w = ggml_new_tensor_2d(ctx, type, ne0, ne1);
     ggml_tensor * op = ggml_mul_mat(ctx, w, ggml_new_tensor_1d(ctx, GGML_TYPE_F32, ne0));
     ggml_backend_buffer_t empty = ggml_backend_buft_alloc_buffer(buft, 0);
@@ -160,30 +164,34 @@ ggml_tensor * new_matrix(specee_head * h, ggml_type type, int64_t ne0, int64_t n
 
 void load_weights(specee_head * h, const char * path) {
     ggml_context * meta = nullptr;
-    gguf_context * g = gguf_init_from_file(path, gguf_init_params{/*no_alloc =*/ true, /*ctx =*/ &meta});
+    gguf_context * g = gguf_init_from_file(path, gguf_init_params{/*no_alloc =*/true, /*ctx =*/&meta});
     if (!g) fail("not a readable GGUF file");
     FILE * f = nullptr;
     try {
         specee_head_info & in = h->info;
-        in.n_embd         = specee_weights_get_info(h->target).n_embd;
-        in.n_head         = (int32_t) get_u32(g, "specee.head.n_head");
-        in.n_head_kv      = (int32_t) get_u32(g, "specee.head.n_head_kv");
-        in.head_dim       = (int32_t) get_u32(g, "specee.head.head_dim");
-        in.n_ff           = (int32_t) get_u32(g, "specee.head.n_ff");
+        in.n_embd = specee_weights_get_info(h->target).n_embd;
+        in.n_head = (int32_t) get_u32(g, "specee.head.n_head");
+        in.n_head_kv = (int32_t) get_u32(g, "specee.head.n_head_kv");
+        in.head_dim = (int32_t) get_u32(g, "specee.head.head_dim");
+        in.n_ff = (int32_t) get_u32(g, "specee.head.n_ff");
         in.rope_freq_base = get_f32(g, "specee.head.rope_freq_base");
-        in.norm_eps       = get_f32(g, "specee.head.norm_eps");
-        if (in.n_head <= 0 || in.n_head_kv <= 0 || in.n_head % in.n_head_kv != 0 || in.head_dim <= 0 || in.head_dim % 2 != 0) {
+        in.norm_eps = get_f32(g, "specee.head.norm_eps");
+        if (in.n_head <= 0 || in.n_head_kv <= 0 || in.n_head % in.n_head_kv != 0 || in.head_dim <= 0 ||
+            in.head_dim % 2 != 0) {
             fail("draft head has a bad attention shape");
         }
-        const int64_t d = in.n_embd, q = (int64_t) in.n_head * in.head_dim, kv = (int64_t) in.n_head_kv * in.head_dim, ff = in.n_ff;
-        const int64_t shapes[N_WEIGHTS][2] = {{2 * d, d}, {d, 1}, {d, q}, {d, kv}, {d, kv}, {q, d}, {d, 1}, {d, ff}, {d, ff}, {ff, d}};
+        const int64_t d = in.n_embd, q = (int64_t) in.n_head * in.head_dim, kv = (int64_t) in.n_head_kv * in.head_dim,
+                      ff = in.n_ff;
+        const int64_t shapes[N_WEIGHTS][2] = {{2 * d, d}, {d, 1}, {d, q},  {d, kv}, {d, kv},
+                                              {q, d},     {d, 1}, {d, ff}, {d, ff}, {ff, d}};
 
         const ggml_tensor * vocab_t = ggml_get_tensor(meta, "head.vocab");
-        if (!vocab_t || vocab_t->type != GGML_TYPE_I32 || ggml_n_dims(vocab_t) != 1) fail("draft head has no head.vocab (i32)");
+        if (!vocab_t || vocab_t->type != GGML_TYPE_I32 || ggml_n_dims(vocab_t) != 1)
+            fail("draft head has no head.vocab (i32)");
         in.n_draft_vocab = (int32_t) vocab_t->ne[0];
 
-        h->ctx_w = ggml_init(ggml_init_params{ggml_tensor_overhead() * 10, nullptr, /*no_alloc =*/ true});
-        h->ctx_m = ggml_init(ggml_init_params{ggml_tensor_overhead() * 6, nullptr, /*no_alloc =*/ true});
+        h->ctx_w = ggml_init(ggml_init_params{ggml_tensor_overhead() * 10, nullptr, /*no_alloc =*/true});
+        h->ctx_m = ggml_init(ggml_init_params{ggml_tensor_overhead() * 6, nullptr, /*no_alloc =*/true});
         const ggml_tensor * src[N_WEIGHTS];
         for (int i = 0; i < N_WEIGHTS; ++i) {
             src[i] = ggml_get_tensor(meta, WEIGHT_NAMES[i]);
@@ -194,18 +202,20 @@ void load_weights(specee_head * h, const char * path) {
             // vectors are added/multiplied in f32; matrices in a type the file format allows
             const bool vector = i == FC_B || i == FFN_NORM;
             const ggml_type t = src[i]->type;
-            const bool matrix_ok = t == GGML_TYPE_F32 || t == GGML_TYPE_F16 || t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0;
+            const bool matrix_ok =
+                t == GGML_TYPE_F32 || t == GGML_TYPE_F16 || t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0;
             if (vector ? t != GGML_TYPE_F32 : !matrix_ok) {
                 fail(std::string("draft head tensor ") + WEIGHT_NAMES[i] + " has type " + ggml_type_name(t) +
                      (vector ? ", not f32" : ", not one of f32, f16, q8_0, q4_0"));
             }
             if (fused_part(i) >= 0) continue;
-            h->w[i] = vector ? ggml_new_tensor_2d(h->ctx_w, t, shapes[i][0], shapes[i][1]) : new_matrix(h, t, shapes[i][0], shapes[i][1]);
+            h->w[i] = vector ? ggml_new_tensor_2d(h->ctx_w, t, shapes[i][0], shapes[i][1])
+                             : new_matrix(h, t, shapes[i][0], shapes[i][1]);
         }
         if (src[WQ]->type != src[WK]->type || src[WQ]->type != src[WV]->type || src[W_GATE]->type != src[W_UP]->type) {
             fail("draft head stores q/k/v (or gate/up) in different types: they are fused into one matrix");
         }
-        h->w_qkv     = new_matrix(h, src[WQ]->type, d, q + 2 * kv);
+        h->w_qkv = new_matrix(h, src[WQ]->type, d, q + 2 * kv);
         h->w_gate_up = new_matrix(h, src[W_GATE]->type, d, 2 * ff);
         const ggml_type lm_type = (ggml_type) specee_weights_lm_head_ggml_type(h->target);
         h->lm_rows = new_matrix(h, lm_type, d, in.n_draft_vocab);
@@ -214,7 +224,8 @@ void load_weights(specee_head * h, const char * path) {
         h->buf_w = ggml_backend_alloc_ctx_tensors(h->ctx_w, h->backend);
         if (!h->buf_w) fail("cannot allocate the draft head's weights");
         ggml_backend_buffer_clear(h->buf_w, 0);
-        for (ggml_tensor * t = ggml_get_first_tensor(h->ctx_m); t; t = ggml_get_next_tensor(h->ctx_m, t)) ++in.n_repacked;
+        for (ggml_tensor * t = ggml_get_first_tensor(h->ctx_m); t; t = ggml_get_next_tensor(h->ctx_m, t))
+            ++in.n_repacked;
         if (in.n_repacked > 0) {
             h->buf_m = ggml_backend_alloc_ctx_tensors_from_buft(h->ctx_m, h->repack);
             if (!h->buf_m) fail("cannot allocate the draft head's weights");
@@ -225,8 +236,10 @@ void load_weights(specee_head * h, const char * path) {
         const size_t data_offset = gguf_get_data_offset(g);
         auto read = [&](const char * name, void * dst, size_t size) {
             const int64_t id = gguf_find_tensor(g, name);
-            if (gguf_get_tensor_size(g, id) != size) fail(std::string("draft head tensor ") + name + " has an unexpected size");
-            if (fseek(f, (long) (data_offset + gguf_get_tensor_offset(g, id)), SEEK_SET) != 0 || fread(dst, 1, size, f) != size) {
+            if (gguf_get_tensor_size(g, id) != size)
+                fail(std::string("draft head tensor ") + name + " has an unexpected size");
+            if (fseek(f, (long) (data_offset + gguf_get_tensor_offset(g, id)), SEEK_SET) != 0 ||
+                fread(dst, 1, size, f) != size) {
                 fail(std::string("truncated file: cannot read ") + name);
             }
         };
@@ -271,9 +284,9 @@ void build_graph(specee_head * h, int32_t n, int32_t len, bool all_logits, head_
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, GRAPH_SIZE, false);
     head_inputs & in = g.in;
 
-    in.x     = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 2 * d, n); // [embedding of the next token, feature] (EAGLE's order)
-    in.pos   = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
-    in.mask  = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, len, n);
+    in.x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 2 * d, n); // [embedding of the next token, feature] (EAGLE's order)
+    in.pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+    in.mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, len, n);
     in.k_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
     in.v_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n * kv);
     for (ggml_tensor * t : {in.x, in.pos, in.mask, in.k_idx, in.v_idx}) ggml_set_input(t);
@@ -287,8 +300,10 @@ void build_graph(specee_head * h, int32_t n, int32_t len, bool all_logits, head_
     ggml_tensor * k = ggml_view_3d(ctx, qkv, hd, hi.n_head_kv, n, hd * f, qkv->nb[1], q_size * f);
     ggml_tensor * v = ggml_view_2d(ctx, qkv, kv, n, qkv->nb[1], (q_size + kv) * f);
     if (n > 1) v = ggml_cont(ctx, v); // one column is contiguous as it is
-    q = ggml_rope_ext(ctx, q, in.pos, nullptr, (int) hd, GGML_ROPE_TYPE_NEOX, 0, hi.rope_freq_base, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
-    k = ggml_rope_ext(ctx, k, in.pos, nullptr, (int) hd, GGML_ROPE_TYPE_NEOX, 0, hi.rope_freq_base, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
+    q = ggml_rope_ext(ctx, q, in.pos, nullptr, (int) hd, GGML_ROPE_TYPE_NEOX, 0, hi.rope_freq_base, 1.0f, 0.0f, 1.0f,
+                      0.0f, 0.0f);
+    k = ggml_rope_ext(ctx, k, in.pos, nullptr, (int) hd, GGML_ROPE_TYPE_NEOX, 0, hi.rope_freq_base, 1.0f, 0.0f, 1.0f,
+                      0.0f, 0.0f);
 
     // K/V of these rows into the cache, then attention reads the cache through the writes
     // (the views hang off them: computed after them); V is stored transposed, one value per row
@@ -296,10 +311,12 @@ void build_graph(specee_head * h, int32_t n, int32_t len, bool all_logits, head_
     ggml_tensor * v_all = ggml_set_rows(ctx, ggml_reshape_2d(ctx, h->v_cache, 1, ggml_nelements(h->v_cache)),
                                         ggml_reshape_2d(ctx, v, 1, kv * n), in.v_idx);
     ggml_tensor * K = ggml_view_3d(ctx, k_all, hd, hi.n_head_kv, len, hd * f, h->k_cache->nb[1], 0);
-    ggml_tensor * V = ggml_view_3d(ctx, v_all, len, hd, hi.n_head_kv, h->v_cache->nb[1], hd * h->v_cache->nb[1], 0); // [len, hd, kvh]
-    ggml_tensor * kq = ggml_mul_mat(ctx, ggml_permute(ctx, K, 0, 2, 1, 3), ggml_permute(ctx, q, 0, 2, 1, 3)); // [len, n, n_head]
+    ggml_tensor * V =
+        ggml_view_3d(ctx, v_all, len, hd, hi.n_head_kv, h->v_cache->nb[1], hd * h->v_cache->nb[1], 0); // [len, hd, kvh]
+    ggml_tensor * kq =
+        ggml_mul_mat(ctx, ggml_permute(ctx, K, 0, 2, 1, 3), ggml_permute(ctx, q, 0, 2, 1, 3)); // [len, n, n_head]
     kq = ggml_soft_max_ext(ctx, kq, in.mask, 1.0f / sqrtf((float) hd), 0.0f);
-    ggml_tensor * kqv = ggml_mul_mat(ctx, V, kq);                                                       // [hd, n, n_head]
+    ggml_tensor * kqv = ggml_mul_mat(ctx, V, kq); // [hd, n, n_head]
     ggml_tensor * attn = ggml_reshape_2d(ctx, ggml_cont(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3)), hd * hi.n_head, n);
     x = ggml_add(ctx, x, ggml_mul_mat(ctx, h->w[WO], attn));
 
@@ -314,7 +331,7 @@ void build_graph(specee_head * h, int32_t n, int32_t len, bool all_logits, head_
     ggml_set_output(g.logits);
     ggml_build_forward_expand(gf, g.hidden);
     ggml_build_forward_expand(gf, g.logits);
-    g.gf  = gf;
+    g.gf = gf;
     g.len = len;
 }
 
@@ -351,7 +368,7 @@ head_graph * step_graph(specee_head * h, int32_t len) {
     if (h->step.len == len) return &h->step;
     if (h->step.ctx) ggml_free(h->step.ctx);
     h->step = head_graph{};
-    h->step.ctx = ggml_init(ggml_init_params{h->step_meta.size(), h->step_meta.data(), /*no_alloc =*/ true});
+    h->step.ctx = ggml_init(ggml_init_params{h->step_meta.size(), h->step_meta.data(), /*no_alloc =*/true});
     build_graph(h, 1, len, false, h->step);
     if (!ggml_gallocr_alloc_graph(h->step_galloc, h->step.gf)) {
         h->step.len = 0;
@@ -362,7 +379,8 @@ head_graph * step_graph(specee_head * h, int32_t len) {
 
 // Runs rows [p0, p0 + n) over the stored features and tokens[p0 + 1 ..]; false on a missing
 // feature or allocation failure. Copies hidden states / logits out when asked.
-bool run_rows(specee_head * h, const int32_t * tokens, int32_t p0, int32_t n, float * out_hidden, float * out_logits, bool all_logits) {
+bool run_rows(specee_head * h, const int32_t * tokens, int32_t p0, int32_t n, float * out_hidden, float * out_logits,
+              bool all_logits) {
     for (int32_t j = p0; j < p0 + n; ++j) {
         if (!h->have[j]) return false;
     }
@@ -373,11 +391,12 @@ bool run_rows(specee_head * h, const int32_t * tokens, int32_t p0, int32_t n, fl
     if (n == 1 && !all_logits) {
         g = step_graph(h, std::min(h->n_ctx, (p0 + STEP_LEN_ALIGN) / STEP_LEN_ALIGN * STEP_LEN_ALIGN));
     } else {
-        rows_graph.ctx = ggml_init(ggml_init_params{h->graph_meta.size(), h->graph_meta.data(), /*no_alloc =*/ true});
+        rows_graph.ctx = ggml_init(ggml_init_params{h->graph_meta.size(), h->graph_meta.data(), /*no_alloc =*/true});
         build_graph(h, n, p0 + n, all_logits, rows_graph);
         if (ggml_gallocr_alloc_graph(h->galloc, rows_graph.gf)) g = &rows_graph;
     }
-    bool ok = g && set_inputs(h, *g, tokens, p0, n) && ggml_backend_graph_compute(h->backend, g->gf) == GGML_STATUS_SUCCESS;
+    bool ok =
+        g && set_inputs(h, *g, tokens, p0, n) && ggml_backend_graph_compute(h->backend, g->gf) == GGML_STATUS_SUCCESS;
     if (ok) {
         if (out_hidden) ggml_backend_tensor_get(g->hidden, out_hidden, 0, ggml_nbytes(g->hidden));
         ggml_backend_tensor_get(g->logits, out_logits ? out_logits : h->logits.data(), 0, ggml_nbytes(g->logits));
@@ -393,7 +412,7 @@ bool run_rows(specee_head * h, const int32_t * tokens, int32_t p0, int32_t n, fl
 // Compute memory for the step graph at its longest: decoding then never grows its buffer
 void reserve_step_graph(specee_head * h) {
     head_graph g;
-    g.ctx = ggml_init(ggml_init_params{h->step_meta.size(), h->step_meta.data(), /*no_alloc =*/ true});
+    g.ctx = ggml_init(ggml_init_params{h->step_meta.size(), h->step_meta.data(), /*no_alloc =*/true});
     build_graph(h, 1, h->n_ctx, false, g);
     const bool ok = ggml_gallocr_reserve(h->step_galloc, g.gf);
     ggml_free(g.ctx);
@@ -409,11 +428,11 @@ const char * specee_cpu_extra_buffer_type_name(int32_t i) {
     return b && *b && i == 0 ? ggml_backend_buft_name(*b) : nullptr;
 }
 
-specee_head * specee_head_init_from_file(const char * path, const specee_weights * target, int32_t n_ctx, int32_t n_threads,
-                                         bool gpu, char * err, size_t err_size) {
+specee_head * specee_head_init_from_file(const char * path, const specee_weights * target, int32_t n_ctx,
+                                         int32_t n_threads, bool gpu, char * err, size_t err_size) {
     auto * h = new specee_head();
     h->target = target;
-    h->n_ctx  = std::max(2, n_ctx);
+    h->n_ctx = std::max(2, n_ctx);
     try {
         ggml_backend_dev_t dev = gpu ? ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU) : nullptr;
         h->backend = dev ? ggml_backend_dev_init(dev, nullptr) : ggml_backend_cpu_init();
@@ -428,7 +447,7 @@ specee_head * specee_head_init_from_file(const char * path, const specee_weights
             h->repack = cpu_repack_buffer_type(ggml_backend_get_device(h->backend));
         }
         load_weights(h, path);
-        h->galloc      = ggml_gallocr_new(ggml_backend_get_default_buffer_type(h->backend));
+        h->galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(h->backend));
         h->step_galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(h->backend));
         if (!h->galloc || !h->step_galloc) fail("cannot create the draft head's graph allocators");
         h->features.assign((size_t) h->n_ctx * h->info.n_embd, 0.0f);
@@ -500,7 +519,8 @@ bool sync_rows(specee_head * h, const int32_t * tokens, int32_t n_rows) {
     const int32_t limit = std::min<int32_t>((int32_t) h->cache_tokens.size(), n_rows - 1);
     while (keep < limit && h->cache_tokens[keep] == tokens[keep + 1]) ++keep;
     for (int32_t p0 = keep, rows; p0 < n_rows; p0 += rows) {
-        rows = (int32_t) std::max<int64_t>(1, std::min<int64_t>(MAX_ROWS, MAX_SCORES / ((int64_t) n_rows * h->info.n_head)));
+        rows = (int32_t) std::max<int64_t>(
+            1, std::min<int64_t>(MAX_ROWS, MAX_SCORES / ((int64_t) n_rows * h->info.n_head)));
         rows = std::min(rows, n_rows - p0);
         if (!run_rows(h, tokens, p0, rows, nullptr, nullptr, false)) return false;
     }
@@ -530,21 +550,22 @@ int32_t specee_head_propose(specee_head * h, const int32_t * tokens, int32_t n, 
         int32_t j = k - 1;
         for (; j > 0 && l[i] > best[j - 1]; --j) {
             best[j] = best[j - 1];
-            out[j]  = out[j - 1];
+            out[j] = out[j - 1];
         }
         best[j] = l[i];
-        out[j]  = i;
+        out[j] = i;
     }
     for (int32_t i = 0; i < k; ++i) out[i] = h->vocab[out[i]];
     return k;
 }
 
-int32_t specee_head_draft(specee_head * h, const int32_t * tokens, int32_t n, int32_t n_draft, int32_t * out, float * probs) {
+int32_t specee_head_draft(specee_head * h, const int32_t * tokens, int32_t n, int32_t n_draft, int32_t * out,
+                          float * probs) {
     if (n < 2 || n_draft < 1 || n + n_draft - 2 > h->n_ctx || !sync_rows(h, tokens, n - 1)) return 0;
     // chain rows read predicted features at positions first.. : the real ones (or none) come back after
     const int32_t d = h->info.n_embd, first = n - 1, n_saved = n_draft - 1;
     const size_t f0 = (size_t) first * d;
-    std::vector<float>   saved_features(h->features.begin() + f0, h->features.begin() + f0 + (size_t) n_saved * d);
+    std::vector<float> saved_features(h->features.begin() + f0, h->features.begin() + f0 + (size_t) n_saved * d);
     std::vector<uint8_t> saved_have(h->have.begin() + first, h->have.begin() + first + n_saved);
     std::vector<int32_t> chain(tokens, tokens + n);
     int32_t m = 0;
@@ -553,7 +574,7 @@ int32_t specee_head_draft(specee_head * h, const int32_t * tokens, int32_t n, in
         const int32_t best = (int32_t) (std::max_element(l, l + h->info.n_draft_vocab) - l);
         double sum = 0.0;
         for (int32_t i = 0; i < h->info.n_draft_vocab; ++i) sum += std::exp((double) (l[i] - l[best]));
-        out[m]   = h->vocab[best];
+        out[m] = h->vocab[best];
         probs[m] = (float) (1.0 / sum);
         if (++m == n_draft) break;
         // the row just run predicted the feature at the position of the token it read
@@ -577,7 +598,7 @@ bool specee_head_forward(specee_head * h, const int32_t * tokens, int32_t n, flo
 
 double specee_head_time_lm_head(specee_head * h, int32_t n_runs) {
     std::vector<uint8_t> meta(ggml_tensor_overhead() * 8 + ggml_graph_overhead_custom(8, false));
-    ggml_context * ctx = ggml_init(ggml_init_params{meta.size(), meta.data(), /*no_alloc =*/ true});
+    ggml_context * ctx = ggml_init(ggml_init_params{meta.size(), meta.data(), /*no_alloc =*/true});
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, 8, false);
     ggml_tensor * x = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, h->info.n_embd);
     ggml_set_input(x);

@@ -5,8 +5,8 @@
 // A Python callback would cost ~0.5 ms per token (hundreds of asks), hence native code.
 #include "specee.h"
 
-#include "ggml.h"
 #include "ggml-backend.h"
+#include "ggml.h"
 
 #include <algorithm>
 #include <cmath>
@@ -15,32 +15,32 @@
 
 struct specee_hook {
     int32_t n_layer = 0;
-    int32_t n_embd  = 0;
+    int32_t n_embd = 0;
 
     std::vector<uint8_t> capture;  // [n_layer] layers whose hidden state the caller wants
     std::vector<uint8_t> seen;     // [n_layer] l_out-<i> nodes met during this step
     std::vector<uint8_t> captured; // [n_layer] layers copied during this step
-    std::vector<float>   hidden;   // [n_layer][n_embd] last token's residual stream
-    int32_t              row_layer = -1; // layer whose every output row is kept (-1: none)
-    std::vector<float>   rows;     // [n][n_embd] those rows, over the step's ubatches
+    std::vector<float> hidden;     // [n_layer][n_embd] last token's residual stream
+    int32_t row_layer = -1;        // layer whose every output row is kept (-1: none)
+    std::vector<float> rows;       // [n][n_embd] those rows, over the step's ubatches
 
-    specee_exit * exit  = nullptr;  // decides where a step may stop (not owned)
-    bool          armed = false;
-    bool          cut   = false;    // this step stopped early
+    specee_exit * exit = nullptr; // decides where a step may stop (not owned)
+    bool armed = false;
+    bool cut = false; // this step stopped early
 
     struct kv_hole {
         int32_t pos;
         int64_t cell;
         int32_t layer; // the exit layer: cells are hidden from deeper layers
     };
-    bool                 masking = false;
+    bool masking = false;
     std::vector<kv_hole> holes;
-    std::vector<uint8_t> hole_layers;         // [n_layer] some hole exited after this layer
-    int32_t              step_pos  = -1;
-    int64_t              step_cell = -1;      // KV cell of this step's (single) token
-    int32_t              next_layer = 0;      // layer whose nodes the scheduler is asking about
-    const ggml_tensor *  hidden_in  = nullptr; // mask tensor last written, and the layer it is
-    int32_t              hidden_below = 0;     // complete for (holes of exit layer < this)
+    std::vector<uint8_t> hole_layers; // [n_layer] some hole exited after this layer
+    int32_t step_pos = -1;
+    int64_t step_cell = -1;                  // KV cell of this step's (single) token
+    int32_t next_layer = 0;                  // layer whose nodes the scheduler is asking about
+    const ggml_tensor * hidden_in = nullptr; // mask tensor last written, and the layer it is
+    int32_t hidden_below = 0;                // complete for (holes of exit layer < this)
 };
 
 namespace {
@@ -63,10 +63,10 @@ bool is_mask_consumer(const ggml_tensor * t) {
 void write_holes(specee_hook * h, ggml_tensor * m, int32_t from, int32_t to) {
     if (m->type != GGML_TYPE_F32 && m->type != GGML_TYPE_F16) return;
     const uint16_t f16_neg_inf = 0xFC00;
-    const float    f32_neg_inf = -INFINITY;
-    const void *   value = m->type == GGML_TYPE_F32 ? (const void *) &f32_neg_inf : (const void *) &f16_neg_inf;
-    const size_t   size  = ggml_type_size(m->type);
-    const bool     host  = ggml_backend_buffer_is_host(m->buffer);
+    const float f32_neg_inf = -INFINITY;
+    const void * value = m->type == GGML_TYPE_F32 ? (const void *) &f32_neg_inf : (const void *) &f16_neg_inf;
+    const size_t size = ggml_type_size(m->type);
+    const bool host = ggml_backend_buffer_is_host(m->buffer);
     for (const auto & hole : h->holes) {
         if (hole.layer < from || hole.layer >= to || hole.cell < 0 || hole.cell >= m->ne[0]) continue;
         for (int64_t row = 0; row < m->ne[1]; ++row) {
@@ -89,13 +89,14 @@ void note_kv_inputs(specee_hook * h, ggml_tensor * t) {
     if (t->op == GGML_OP_SET_ROWS) {
         const ggml_tensor * idxs = t->src[1];
         if (h->step_cell < 0 && idxs->type == GGML_TYPE_I64 && strcmp(idxs->name, "attn_inp_k_idxs") == 0) {
-            ggml_backend_tensor_get(idxs, &h->step_cell, (size_t) (ggml_nelements(idxs) - 1) * sizeof(int64_t), sizeof(int64_t));
+            ggml_backend_tensor_get(idxs, &h->step_cell, (size_t) (ggml_nelements(idxs) - 1) * sizeof(int64_t),
+                                    sizeof(int64_t));
         }
     } else if (is_mask_consumer(t) && !h->holes.empty()) {
         ggml_tensor * m = t->op == GGML_OP_SOFT_MAX ? t->src[1] : t->src[3];
         const int32_t from = m == h->hidden_in ? h->hidden_below : 0;
         write_holes(h, m, from, h->next_layer);
-        h->hidden_in    = m;
+        h->hidden_in = m;
         h->hidden_below = std::max(from, h->next_layer);
     }
 }
@@ -110,7 +111,7 @@ void index_hole_layers(specee_hook * h) {
 specee_hook * specee_hook_init(int32_t n_layer, int32_t n_embd) {
     auto * h = new specee_hook();
     h->n_layer = n_layer;
-    h->n_embd  = n_embd;
+    h->n_embd = n_embd;
     h->capture.assign(n_layer, 0);
     h->seen.assign(n_layer, 0);
     h->captured.assign(n_layer, 0);
@@ -134,7 +135,7 @@ bool specee_hook_eval_callback(ggml_tensor * t, bool ask, void * user_data) {
         return !ask;
     }
     const bool decides = h->armed && specee_exit_wants_layer(h->exit, il);
-    const bool hides   = h->masking && h->hole_layers[il];
+    const bool hides = h->masking && h->hole_layers[il];
     if (ask) {
         h->seen[il] = 1;
         // the next nodes belong to layer il + 1; after the last layer, a next graph (ubatch) starts
@@ -153,7 +154,8 @@ bool specee_hook_eval_callback(ggml_tensor * t, bool ask, void * user_data) {
             ggml_backend_tensor_get(t, h->rows.data() + n, 0, (size_t) t->ne[1] * row_bytes);
         } else {
             for (int64_t r = 0; r < t->ne[1]; ++r) {
-                ggml_backend_tensor_get(t, h->rows.data() + n + (size_t) r * h->n_embd, (size_t) r * t->nb[1], row_bytes);
+                ggml_backend_tensor_get(t, h->rows.data() + n + (size_t) r * h->n_embd, (size_t) r * t->nb[1],
+                                        row_bytes);
             }
         }
         memcpy(hidden, h->rows.data() + h->rows.size() - h->n_embd, row_bytes);
@@ -195,17 +197,17 @@ const float * specee_hook_rows(const specee_hook * h) {
 void specee_hook_begin_step(specee_hook * h, int32_t pos) {
     std::fill(h->seen.begin(), h->seen.end(), 0);
     std::fill(h->captured.begin(), h->captured.end(), 0);
-    h->cut       = false;
+    h->cut = false;
     h->rows.clear();
-    h->step_pos  = pos;
+    h->step_pos = pos;
     h->step_cell = -1;
     h->next_layer = 0;
-    h->hidden_in  = nullptr;
+    h->hidden_in = nullptr;
     if (h->exit) specee_exit_begin_step(h->exit);
 }
 
 void specee_hook_set_exit(specee_hook * h, specee_exit * e, bool armed) {
-    h->exit  = e;
+    h->exit = e;
     h->armed = e != nullptr && armed;
     if (!h->armed) h->cut = false; // a cut belongs to its step: decodes the engine does not run must not inherit it
 }
@@ -229,7 +231,8 @@ void specee_hook_set_masking(specee_hook * h, bool on) {
 }
 
 void specee_hook_prune_holes(specee_hook * h, int32_t n_pos) {
-    h->holes.erase(std::remove_if(h->holes.begin(), h->holes.end(), [n_pos](const specee_hook::kv_hole & hole) { return hole.pos >= n_pos; }),
+    h->holes.erase(std::remove_if(h->holes.begin(), h->holes.end(),
+                                  [n_pos](const specee_hook::kv_hole & hole) { return hole.pos >= n_pos; }),
                    h->holes.end());
     index_hole_layers(h);
 }

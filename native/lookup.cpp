@@ -43,7 +43,7 @@ int32_t specee_lookup_continuation(const int32_t * tokens, int32_t n, int32_t mi
         const int32_t len = match_length(tail, n, j, max_ngram);
         if (len > best_len) {
             best_len = len;
-            best_j   = j;
+            best_j = j;
         }
     }
     if (best_len < min_ngram) return 0;

@@ -27,17 +27,17 @@ struct specee_weights_info {
     const char * arch;           // general.architecture, e.g. "llama"
     const char * lm_head_tensor; // "output.weight", or "token_embd.weight" when tied
     const char * lm_head_type;   // ggml type name, e.g. "q4_1"
-    int32_t      n_layer;
-    int32_t      n_embd;
-    int32_t      n_vocab;
-    float        norm_eps;       // <arch>.attention.layer_norm_rms_epsilon
-    uint64_t     tokenizer_hash; // FNV-1a of tokenizer.ggml.tokens (0 if absent): ties files to a vocabulary
+    int32_t n_layer;
+    int32_t n_embd;
+    int32_t n_vocab;
+    float norm_eps;          // <arch>.attention.layer_norm_rms_epsilon
+    uint64_t tokenizer_hash; // FNV-1a of tokenizer.ggml.tokens (0 if absent): ties files to a vocabulary
 };
 
 // Opens and validates a GGUF file (magic, header, tensor data inside the file).
 // Returns NULL and a one-line reason in err on failure.
 struct specee_weights * specee_weights_init_from_file(const char * path, char * err, size_t err_size);
-void                    specee_weights_free(struct specee_weights * w);
+void specee_weights_free(struct specee_weights * w);
 
 struct specee_weights_info specee_weights_get_info(const struct specee_weights * w);
 
@@ -52,7 +52,7 @@ bool specee_weights_embd_rows(const struct specee_weights * w, const int32_t * i
 
 // Copies LM-head rows ids[0..n) as stored (ggml type specee_weights_lm_head_ggml_type, rows of
 // ggml_row_size(type, n_embd) bytes) into out: a reduced LM head as exact as the model's own.
-bool    specee_weights_lm_head_rows_raw(const struct specee_weights * w, const int32_t * ids, int32_t n, void * out);
+bool specee_weights_lm_head_rows_raw(const struct specee_weights * w, const int32_t * ids, int32_t n, void * out);
 int32_t specee_weights_lm_head_ggml_type(const struct specee_weights * w);
 
 // y = RMSNorm(x) * output_norm.weight, as the model's final norm computes it
@@ -77,24 +77,24 @@ void specee_weights_lm_head_logits(const struct specee_weights * w, const float 
 // A forced layer (debug) always exits there, with full LM-head logits.
 
 enum specee_exit_rule {
-    SPECEE_RULE_VERIFY     = 0,
+    SPECEE_RULE_VERIFY = 0,
     SPECEE_RULE_CANDIDATES = 1,
 };
 
 struct specee_exit;
 
 struct specee_exit_step {
-    int32_t exit_layer;     // -1: the step ran every layer
-    int32_t exit_token;     // argmax of the exit logits, -1 without exit
-    int32_t n_checks;       // scheduled layers evaluated
-    int32_t n_lm_heads;     // full LM heads computed (verify rule, forced exits)
-    float   last_score;     // predictor output at the last checked layer
-    double  predictor_us;   // features + MLP time
-    double  lm_head_us;     // full LM head time
+    int32_t exit_layer;  // -1: the step ran every layer
+    int32_t exit_token;  // argmax of the exit logits, -1 without exit
+    int32_t n_checks;    // scheduled layers evaluated
+    int32_t n_lm_heads;  // full LM heads computed (verify rule, forced exits)
+    float last_score;    // predictor output at the last checked layer
+    double predictor_us; // features + MLP time
+    double lm_head_us;   // full LM head time
 };
 
 struct specee_exit * specee_exit_init(const struct specee_weights * w, int32_t n_threads);
-void                 specee_exit_free(struct specee_exit * e);
+void specee_exit_free(struct specee_exit * e);
 
 // Layer il's predictor: fc1_w[n_hidden][n_features], fc1_b[n_hidden], fc2_w[n_hidden], fc2_b.
 // n_features must be 3k for the k candidates. False on bad sizes.
@@ -102,7 +102,8 @@ bool specee_exit_set_predictor(struct specee_exit * e, int32_t il, int32_t n_hid
                                const float * fc1_w, const float * fc1_b, const float * fc2_w, float fc2_b);
 // threshold_unmatched: the bar for exiting on a candidate not flagged matched (set_candidates);
 // equal to threshold, the flags do not matter.
-void specee_exit_set_rule(struct specee_exit * e, enum specee_exit_rule rule, float threshold, float threshold_unmatched);
+void specee_exit_set_rule(struct specee_exit * e, enum specee_exit_rule rule, float threshold,
+                          float threshold_unmatched);
 // Layer il's predictor score for a feature row x[3k]; -1 without a predictor there.
 float specee_exit_score(const struct specee_exit * e, int32_t il, const float * x);
 
@@ -136,7 +137,7 @@ struct specee_head;
 
 struct specee_head_info {
     int32_t n_embd, n_head, n_head_kv, head_dim, n_ff, n_draft_vocab;
-    float   rope_freq_base, norm_eps;
+    float rope_freq_base, norm_eps;
     int32_t n_repacked; // matrices (of 6) held in the CPU backend's repacking buffer type
 };
 
@@ -145,11 +146,11 @@ struct specee_head_info {
 // and llama.cpp was built with one, else on the CPU with n_threads.
 struct specee_head * specee_head_init_from_file(const char * path, const struct specee_weights * w, int32_t n_ctx,
                                                 int32_t n_threads, bool gpu, char * err, size_t err_size);
-void                 specee_head_free(struct specee_head * h);
+void specee_head_free(struct specee_head * h);
 
 struct specee_head_info specee_head_get_info(const struct specee_head * h);
-const int32_t *         specee_head_vocab(const struct specee_head * h); // [n_draft_vocab] target ids
-const float *           specee_head_logits(const struct specee_head * h); // [n_draft_vocab] of the last proposal
+const int32_t * specee_head_vocab(const struct specee_head * h); // [n_draft_vocab] target ids
+const float * specee_head_logits(const struct specee_head * h);  // [n_draft_vocab] of the last proposal
 
 // Forgets every stored feature and cached row (the target's cache was replaced, e.g. by a saved state).
 void specee_head_reset(struct specee_head * h);
@@ -182,7 +183,8 @@ int64_t specee_head_rows_run(const struct specee_head * h);
 
 // Testing: runs rows 0..n-2 afresh and writes their hidden states [n-1][n_embd] and logits
 // [n-1][n_draft_vocab].
-bool specee_head_forward(struct specee_head * h, const int32_t * tokens, int32_t n, float * out_hidden, float * out_logits);
+bool specee_head_forward(struct specee_head * h, const int32_t * tokens, int32_t n, float * out_hidden,
+                         float * out_logits);
 
 // Median ms of the head's LM head (draft-vocabulary rows) alone over n_runs, each after reading
 // 64 MiB of other memory (as a target step streams its weights): its share of a proposal, for
@@ -225,7 +227,7 @@ int32_t specee_head_lookup_propose(struct specee_head * h, const int32_t * token
 struct specee_hook;
 
 struct specee_hook * specee_hook_init(int32_t n_layer, int32_t n_embd);
-void                 specee_hook_free(struct specee_hook * h);
+void specee_hook_free(struct specee_hook * h);
 
 // The ggml_backend_sched_eval_callback to put in llama_context_params.cb_eval, with h as
 // cb_eval_user_data. llama.cpp binds it when it builds a graph, so behaviour is switched
@@ -238,8 +240,8 @@ void specee_hook_set_capture(struct specee_hook * h, const int32_t * layers, int
 // Keeps every output row of layer il (-1: none) in the next steps: a batch's rows, in order
 // across its ubatches, for the tokens whose output was requested (the last layer computes
 // only those). What a drafter fed with the target's hidden states reads.
-void          specee_hook_set_row_capture(struct specee_hook * h, int32_t il);
-int32_t       specee_hook_n_rows(const struct specee_hook * h);
+void specee_hook_set_row_capture(struct specee_hook * h, int32_t il);
+int32_t specee_hook_n_rows(const struct specee_hook * h);
 const float * specee_hook_rows(const struct specee_hook * h); // [n_rows][n_embd], valid until the next step
 
 // Forgets what the previous decode step captured and saw; call before llama_decode.
@@ -259,9 +261,9 @@ void specee_hook_set_exit(struct specee_hook * h, struct specee_exit * e, bool a
 // With masking on, each cut records a hole (position, KV cell, e), and in every later step the
 // hook hides the hole's cell from layers > e: between layers, it writes -inf into the KQ mask
 // input (one tensor feeds all layers; it is rewritten at every graph compute).
-void    specee_hook_set_masking(struct specee_hook * h, bool on);
+void specee_hook_set_masking(struct specee_hook * h, bool on);
 // Forgets holes at positions >= n_pos (those positions left the KV cache).
-void    specee_hook_prune_holes(struct specee_hook * h, int32_t n_pos);
+void specee_hook_prune_holes(struct specee_hook * h, int32_t n_pos);
 int32_t specee_hook_n_holes(const struct specee_hook * h);
 
 // Whether the graph of the last step had a node named l_out-<il>.

@@ -23,21 +23,21 @@
 struct specee_weights {
     std::string arch;
     std::string lm_head_tensor;
-    int32_t     n_layer  = 0;
-    int32_t     n_embd   = 0;
-    int32_t     n_vocab  = 0;
-    float       norm_eps = 0.0f;
-    uint64_t    tokenizer_hash = 0;
+    int32_t n_layer = 0;
+    int32_t n_embd = 0;
+    int32_t n_vocab = 0;
+    float norm_eps = 0.0f;
+    uint64_t tokenizer_hash = 0;
 
-    std::vector<float> output_norm;         // [n_embd]
-    ggml_type          lm_head_type = GGML_TYPE_F32;
-    size_t             lm_head_row_bytes = 0;
-    const uint8_t    * lm_head_data = nullptr; // into the mapping
-    ggml_type          embd_type = GGML_TYPE_F32;
-    size_t             embd_row_bytes = 0;
-    const uint8_t    * embd_data = nullptr;    // token_embd.weight, into the mapping
+    std::vector<float> output_norm; // [n_embd]
+    ggml_type lm_head_type = GGML_TYPE_F32;
+    size_t lm_head_row_bytes = 0;
+    const uint8_t * lm_head_data = nullptr; // into the mapping
+    ggml_type embd_type = GGML_TYPE_F32;
+    size_t embd_row_bytes = 0;
+    const uint8_t * embd_data = nullptr; // token_embd.weight, into the mapping
 
-    void * map      = MAP_FAILED;
+    void * map = MAP_FAILED;
     size_t map_size = 0;
 };
 
@@ -59,9 +59,9 @@ struct load_error {
 // gguf reports parse errors through ggml's log; collect them for our own message instead
 // of letting them reach the terminal as extra lines.
 struct log_capture {
-    ggml_log_callback prev_cb   = nullptr;
-    void *            prev_data = nullptr;
-    std::string       text;
+    ggml_log_callback prev_cb = nullptr;
+    void * prev_data = nullptr;
+    std::string text;
 
     log_capture() {
         ggml_log_get(&prev_cb, &prev_data);
@@ -128,7 +128,7 @@ void read_metadata(specee_weights * w, const gguf_context * g) {
     if (id >= 0 && gguf_get_kv_type(g, id) == GGUF_TYPE_ARRAY && gguf_get_arr_type(g, id) == GGUF_TYPE_STRING) {
         uint64_t hash = 1469598103934665603ull;
         for (size_t i = 0; i < gguf_get_arr_n(g, id); ++i) {
-            for (const char * c = gguf_get_arr_str(g, id, i); ; ++c) { // the terminating NUL separates tokens
+            for (const char * c = gguf_get_arr_str(g, id, i);; ++c) { // the terminating NUL separates tokens
                 hash = (hash ^ (uint8_t) *c) * 1099511628211ull;
                 if (*c == '\0') break;
             }
@@ -183,12 +183,15 @@ void find_lm_head(specee_weights * w, const gguf_context * g, const ggml_context
     }
     if (id < 0) fail("no LM head (neither output.weight nor token_embd.weight)");
     const ggml_tensor * t = ggml_get_tensor(const_cast<ggml_context *>(meta), w->lm_head_tensor.c_str());
-    if (t->ne[0] != w->n_embd) fail("%s has rows of %lld values, expected n_embd = %d", w->lm_head_tensor.c_str(), (long long) t->ne[0], w->n_embd);
-    if (!can_dequantize(t->type)) fail("%s has type %s, which cannot be dequantized", w->lm_head_tensor.c_str(), ggml_type_name(t->type));
-    w->lm_head_type      = t->type;
-    w->n_vocab           = (int32_t) t->ne[1];
+    if (t->ne[0] != w->n_embd)
+        fail("%s has rows of %lld values, expected n_embd = %d", w->lm_head_tensor.c_str(), (long long) t->ne[0],
+             w->n_embd);
+    if (!can_dequantize(t->type))
+        fail("%s has type %s, which cannot be dequantized", w->lm_head_tensor.c_str(), ggml_type_name(t->type));
+    w->lm_head_type = t->type;
+    w->n_vocab = (int32_t) t->ne[1];
     w->lm_head_row_bytes = ggml_row_size(t->type, w->n_embd);
-    w->lm_head_data      = data + gguf_get_tensor_offset(g, id);
+    w->lm_head_data = data + gguf_get_tensor_offset(g, id);
 }
 
 void find_token_embd(specee_weights * w, const gguf_context * g, const ggml_context * meta, const uint8_t * data) {
@@ -196,10 +199,11 @@ void find_token_embd(specee_weights * w, const gguf_context * g, const ggml_cont
     if (id < 0) fail("no token_embd.weight tensor");
     const ggml_tensor * t = ggml_get_tensor(const_cast<ggml_context *>(meta), "token_embd.weight");
     if (t->ne[0] != w->n_embd || t->ne[1] != w->n_vocab) fail("token_embd.weight is not [n_vocab, n_embd]");
-    if (!can_dequantize(t->type)) fail("token_embd.weight has type %s, which cannot be dequantized", ggml_type_name(t->type));
-    w->embd_type      = t->type;
+    if (!can_dequantize(t->type))
+        fail("token_embd.weight has type %s, which cannot be dequantized", ggml_type_name(t->type));
+    w->embd_type = t->type;
     w->embd_row_bytes = ggml_row_size(t->type, w->n_embd);
-    w->embd_data      = data + gguf_get_tensor_offset(g, id);
+    w->embd_data = data + gguf_get_tensor_offset(g, id);
 }
 
 void load(specee_weights * w, const char * path) {
@@ -210,7 +214,7 @@ void load(specee_weights * w, const char * path) {
     gguf_context * g = nullptr;
     {
         log_capture log;
-        g = gguf_init_from_file(path, gguf_init_params{/*no_alloc =*/ true, /*ctx =*/ &meta});
+        g = gguf_init_from_file(path, gguf_init_params{/*no_alloc =*/true, /*ctx =*/&meta});
         if (!g) fail("corrupt or truncated GGUF file (%s)", log.last_line().c_str());
     }
     try {
@@ -252,8 +256,8 @@ void specee_weights_free(specee_weights * w) {
 
 specee_weights_info specee_weights_get_info(const specee_weights * w) {
     return specee_weights_info{
-        w->arch.c_str(), w->lm_head_tensor.c_str(), ggml_type_name(w->lm_head_type),
-        w->n_layer, w->n_embd, w->n_vocab, w->norm_eps, w->tokenizer_hash,
+        w->arch.c_str(), w->lm_head_tensor.c_str(), ggml_type_name(w->lm_head_type), w->n_layer, w->n_embd, w->n_vocab,
+        w->norm_eps,     w->tokenizer_hash,
     };
 }
 
@@ -289,7 +293,8 @@ bool specee_weights_embd_rows(const specee_weights * w, const int32_t * ids, int
 bool specee_weights_lm_head_rows_raw(const specee_weights * w, const int32_t * ids, int32_t n, void * out) {
     if (!ids_in_vocab(w, ids, n)) return false;
     for (int32_t i = 0; i < n; ++i) {
-        memcpy((uint8_t *) out + (size_t) i * w->lm_head_row_bytes, w->lm_head_data + (size_t) ids[i] * w->lm_head_row_bytes, w->lm_head_row_bytes);
+        memcpy((uint8_t *) out + (size_t) i * w->lm_head_row_bytes,
+               w->lm_head_data + (size_t) ids[i] * w->lm_head_row_bytes, w->lm_head_row_bytes);
     }
     return true;
 }
@@ -317,7 +322,8 @@ void specee_weights_lm_head_logits(const specee_weights * w, const float * z, fl
     }
     auto rows = [&](int32_t begin, int32_t end) {
         for (int32_t r = begin; r < end; ++r) {
-            cpu->vec_dot(w->n_embd, out + r, 0, w->lm_head_data + (size_t) r * w->lm_head_row_bytes, 0, zq.data(), 0, 1);
+            cpu->vec_dot(w->n_embd, out + r, 0, w->lm_head_data + (size_t) r * w->lm_head_row_bytes, 0, zq.data(), 0,
+                         1);
         }
     };
     n_threads = std::max(1, n_threads);

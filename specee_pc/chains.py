@@ -122,5 +122,4 @@ class DraftModelChain:
         self.model.close()
 
 
-CHAIN_DRAFTERS = ("auto", "head+lookup", "head", "lookup")  # by name; a draft model by its .gguf path
 

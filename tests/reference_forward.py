@@ -4,7 +4,7 @@ per-layer semantics for exited tokens: a token that exited after layer e has K/V
 
 Simple on purpose: float32, weights dequantized by the gguf package, teacher-forced (all
 positions of a layer at once, the tokens given). It is the reference for the engine's "mask"
-KV policy, and tools/kv_hole_fill.py uses it to price other ways of treating the holes.
+KV policy, and research/kv_hole_fill.py uses it to price other ways of treating the holes.
 """
 from typing import Dict, Optional, Sequence
 
@@ -30,7 +30,8 @@ class LlamaReference:
         self.head_dim = self.w["blk.0.attn_q.weight"].shape[0] // self.n_head
 
     def rms_norm(self, x, weight):
-        return (x / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True) + self.eps)).astype(np.float32) * weight
+        rms = np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True) + self.eps)
+        return (x / rms).astype(np.float32) * weight
 
     def rope(self, x, pos):
         """llama.cpp's "normal" RoPE: rotates adjacent pairs of each head. x: [T, heads, hd]."""
@@ -75,6 +76,7 @@ class LlamaReference:
             out = h + attn @ self.w[blk + "attn_output.weight"].T
             x = self.rms_norm(out, self.w[blk + "ffn_norm.weight"])
             gate = x @ self.w[blk + "ffn_gate.weight"].T
-            out = out + (gate / (1 + np.exp(-gate)) * (x @ self.w[blk + "ffn_up.weight"].T)) @ self.w[blk + "ffn_down.weight"].T
+            out = out + ((gate / (1 + np.exp(-gate)) * (x @ self.w[blk + "ffn_up.weight"].T))
+                         @ self.w[blk + "ffn_down.weight"].T)
             h = np.where(computed[:, None], out, h)
         return self.rms_norm(h[first:], self.w["output_norm.weight"]) @ self.lm_head.T

@@ -10,7 +10,8 @@ from specee_pc.replay import ReplayExits
 
 PROMPT = "Write a detailed essay about the history of the Roman Empire."
 # repeats itself, so that prompt lookup finds candidates
-REPETITIVE = "Count: one two three four five six seven eight nine ten. Again: one two three four five six seven eight nine ten. Again:"
+REPETITIVE = ("Count: one two three four five six seven eight nine ten. "
+              "Again: one two three four five six seven eight nine ten. Again:")
 
 
 def greedy(model, prompt, n):
@@ -59,9 +60,9 @@ def test_exits_diverge_from_one_token_decoding_only_at_near_ties(model_path, ref
     reference_logits.close()
 
 
-def test_threshold_above_one_never_exits(model_path, reference):
+def test_threshold_of_one_never_exits(model_path, reference):
     llm = specee_pc.Llama(model_path, n_ctx=1024, n_threads=N_THREADS, verbose=False,
-                          predictor=constant_predictors(llm_weights(model_path), [10, 20, 26]), exit_threshold=1.5)
+                          predictor=constant_predictors(llm_weights(model_path), [10, 20, 26]), exit_threshold=1.0)
     out = llm.create_completion(REPETITIVE, max_tokens=48, temperature=0.0)["choices"][0]["text"]
     assert out == reference.create_completion(REPETITIVE, max_tokens=48, temperature=0.0)["choices"][0]["text"]
     stats = llm.exit_stats

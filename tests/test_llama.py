@@ -44,7 +44,8 @@ def test_chat_completion_uses_the_gguf_template(llm, reference):
 
 def test_sampling_with_seed_equals_llama_cpp(llm, reference):
     options = dict(max_tokens=48, temperature=0.9, top_k=30, top_p=0.9, min_p=0.02, repeat_penalty=1.1, seed=7)
-    assert text(llm.create_completion(PROMPTS[1], **options)) == text(reference.create_completion(PROMPTS[1], **options))
+    assert (text(llm.create_completion(PROMPTS[1], **options))
+            == text(reference.create_completion(PROMPTS[1], **options)))
 
 
 def test_stream_and_stop_strings(llm, reference):
@@ -58,7 +59,8 @@ def test_stream_and_stop_strings(llm, reference):
 def test_last_stats_count_generated_tokens(llm):
     result = llm.create_completion(PROMPTS[3], max_tokens=20, temperature=0.0)
     stats = llm.last_stats
-    assert stats.generated_tokens == result["usage"]["completion_tokens"] + (result["choices"][0]["finish_reason"] == "stop")
+    assert stats.generated_tokens == (result["usage"]["completion_tokens"]
+                                      + (result["choices"][0]["finish_reason"] == "stop"))
     assert stats.prompt_tokens == result["usage"]["prompt_tokens"]
     assert stats.decode_tokens_per_second > 0
 

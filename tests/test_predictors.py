@@ -120,7 +120,8 @@ def test_train_convert_load_gives_the_torch_scores(records, model_path, tmp_path
         controller.set_predictor(layer, p.fc1_weight, p.fc1_bias, p.fc2_weight, p.fc2_bias)
         np.testing.assert_allclose(controller.score(layer, held_x), expected, rtol=0, atol=tolerance)
 
-    inspected = subprocess.run([sys.executable, "-m", "specee_pc.cli", "convert", "--inspect", str(tmp_path / "converted18.gguf")],
+    inspected = subprocess.run([sys.executable, "-m", "specee_pc.cli", "convert", "--inspect",
+                                str(tmp_path / "converted18.gguf")],
                                capture_output=True, text=True, cwd=tmp_path)
     assert inspected.returncode == 0 and "layers [18, 20]" in inspected.stdout and "12 -> 64 -> 1" in inspected.stdout
     bad = subprocess.run([sys.executable, "-m", "specee_pc.cli", "convert", str(tmp_path / "model20.pth"), "--model",
@@ -138,7 +139,7 @@ def tiny_calibrate_command(model_path, tmp_path, out, *extra):
                                                  for i, q in enumerate(QUESTIONS)))
     return [sys.executable, "-m", "specee_pc.cli", "calibrate", model_path, "--data", str(tmp_path / "prompts"),
             "-o", str(out), "--prompts", "4", "--held-out-per-set", "2", "--eval-prompts", "2", "-n", "12",
-            "--epochs", "2", "--hidden", "32", "--offline-layers", "4", "-t", "2", *extra]
+            "--epochs", "2", "--hidden", "32", "--n-offline-layers", "4", "-t", "2", *extra]
 
 
 def test_calibrate_end_to_end_and_resume(model_path, tmp_path):

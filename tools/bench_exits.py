@@ -38,7 +38,7 @@ def overhead(path, args):
     predictors = constant_predictors(hooked.weights, range(n_layer // 2, n_layer - 1), -20.0, hidden=512)
     scored = specee_pc.Llama(path, **common, predictor=predictors)
     models = {"llama_cpp": llama_cpp.Llama(path, **common), "exits off": hooked,
-              "threshold 1.5": specee_pc.Llama(path, **common, predictor=predictors, exit_threshold=1.5),
+              "threshold 1.0": specee_pc.Llama(path, **common, predictor=predictors, exit_threshold=1.0),
               "scored, no exit": scored}
     speeds = {name: [] for name in models}
     for _ in range(args.runs):

@@ -42,7 +42,8 @@ def main() -> int:
     llm = specee_pc.Llama(path, n_ctx=2048, n_threads=args.threads, verbose=False)
     n_layer = llm.weights.n_layer
     if args.records:
-        records = load_records(os.path.join(args.records, f) for f in sorted(os.listdir(args.records)) if f.endswith(".npz"))
+        records = load_records(os.path.join(args.records, f)
+                               for f in sorted(os.listdir(args.records)) if f.endswith(".npz"))
     elif args.prompts:
         _, held = split_held_out(load_prompts([args.prompts]), args.per_set)
         records = collect(llm, NgramDrafter(), held, args.output + ".records", args.tokens, 4, "collecting (held-out)")
@@ -51,7 +52,8 @@ def main() -> int:
 
     full_vocab, restricted = settled_rates(records)
     oracle = oracle_exit_layers(records)
-    predictor_path = specee_pc.default_model.shipped_predictor_path(llm.weights) if args.predictor == "auto" else args.predictor
+    predictor_path = (specee_pc.default_model.shipped_predictor_path(llm.weights)
+                      if args.predictor == "auto" else args.predictor)
     predictors = read_predictor_file(predictor_path)
     threshold = args.threshold if args.threshold is not None else predictors.threshold
     predicted = predicted_exit_layers(predictors.layers, records, predictors.offline_layers, threshold)
@@ -60,7 +62,8 @@ def main() -> int:
     bound = speed_bound(oracle, times)
     achieved = speed_bound(predicted, times)
 
-    print(f"{len(records.label)} decode steps; full step {times[-1]:.2f} ms; candidate hit rate {records.cand_hit.mean():.2f}")
+    print(f"{len(records.label)} decode steps; full step {times[-1]:.2f} ms; "
+          f"candidate hit rate {records.cand_hit.mean():.2f}")
     print("layer  settled(full vocab)  settled(best candidate)  oracle exits  predicted exits  step ms if cut here")
     for il in range(n_layer):
         print(f"{il:5d}  {full_vocab[il]:19.2f}  {restricted[il]:23.2f}  {np.mean(oracle == il):12.3f}  "
@@ -82,7 +85,8 @@ def main() -> int:
     left.set(xlabel="layer", ylabel="share of decode steps", title="settled tokens per layer", ylim=(0, 1.02))
     left.legend()
     width = 0.4
-    right.bar(layers - width / 2, np.bincount(oracle, minlength=n_layer) / len(oracle), width, label=f"oracle ({bound:.2f}x bound)")
+    right.bar(layers - width / 2, np.bincount(oracle, minlength=n_layer) / len(oracle), width,
+              label=f"oracle ({bound:.2f}x bound)")
     right.bar(layers + width / 2, np.bincount(predicted, minlength=n_layer) / len(predicted), width,
               label=f"predictors, threshold {threshold} ({achieved:.2f}x, {agreeing:.0%} agreeing)")
     right.set(xlabel=f"exit layer ({n_layer - 1}: no exit)", ylabel="share of decode steps", title="exit layers")

@@ -77,7 +77,8 @@ def unmatched_suffix(threshold: float, threshold_unmatched: Optional[float]) -> 
     return "" if threshold_unmatched in (None, threshold) else f" unmatched {threshold_unmatched:.2f}"
 
 
-def specee_name(policy: str, drafter: str, rule: str, threshold: float, threshold_unmatched: Optional[float] = None) -> str:
+def specee_name(policy: str, drafter: str, rule: str, threshold: float,
+                threshold_unmatched: Optional[float] = None) -> str:
     return f"specee {policy} {drafter} {rule} {threshold:.2f}{unmatched_suffix(threshold, threshold_unmatched)}"
 
 

@@ -61,7 +61,8 @@ def exits(runs: Sequence[Run], n_layer: int, repaired: bool) -> dict:
         "confirmed_ratio": ratio(total["accepted"], total["exits"]) if repaired else None,
         "candidate_hit_rate": ratio(total["candidate_hits"], total["candidate_steps"]),
         "predictor_ms_per_token": predictor_ms,
-        "predictor_share_of_step": ratio(predictor_ms, ms_per_token) if predictor_ms is not None and ms_per_token else None,
+        "predictor_share_of_step": (ratio(predictor_ms, ms_per_token)
+                                    if predictor_ms is not None and ms_per_token else None),
         "drafter_ms_per_token": ratio(total["drafter_ms"], decoded),
         "repair_ms_per_token": ratio(total["repair_ms"], decoded),
     }
@@ -177,7 +178,8 @@ def markdown(report: dict) -> str:
              "|" + "---|" * 15]
     for c in report["configs"]:
         e, q = c.get("exits"), c.get("quality")
-        share = f" ({fmt(e['predictor_share_of_step'], '.0%')})" if e and e["predictor_share_of_step"] is not None else ""
+        share = (f" ({fmt(e['predictor_share_of_step'], '.0%')})"
+                 if e and e["predictor_share_of_step"] is not None else "")
         lines.append("| " + " | ".join([
             c["name"], fmt(c["decode_tokens_per_second"], ".1f"), fmt(c["speedup"], ".3f") + "x",
             fmt(c.get("oracle_bound"), ".2f") + ("x" if c.get("oracle_bound") else ""),
@@ -225,7 +227,8 @@ def markdown(report: dict) -> str:
         lines += [f"- {name}: {fmt(c['drafter_ms_per_token'])} ms/token, **{fmt(c['ratio'], '.2f')}x** the budget "
                   f"(median run {fmt(c['median_run_ratio'], '.2f')}x; {c['runs_over']} of {c['runs']} runs at or over)"
                   for name, c in cost["configs"].items()]
-        lines += ["", f"{'Within' if cost['within_budget'] else 'OVER'} budget (worst {fmt(cost['ratio_max'], '.2f')}x)."]
+        lines += ["", f"{'Within' if cost['within_budget'] else 'OVER'} budget "
+                      f"(worst {fmt(cost['ratio_max'], '.2f')}x)."]
     if report["flags"]:
         lines += ["", f"**Flagged: {len(report['flags'])} outputs of lossless configurations differ from vanilla "
                       "greedy** (per prompt in the JSON's `flags`):", ""]

@@ -8,6 +8,7 @@ from .. import __version__
 
 SUBCOMMANDS = {
     "run": ("specee_pc.cli.run", "chat with a GGUF model, or answer one prompt (-p)"),
+    "serve": ("specee_pc.cli.serve", "an OpenAI-compatible HTTP server for a GGUF model (needs the [server] extra)"),
     "calibrate": ("specee_pc.cli.calibrate", "make SpecEE predictors for a model (needs torch)"),
     "convert": ("specee_pc.cli.convert", "PyTorch predictor weights to a predictor GGUF; --inspect one"),
     "bench": ("specee_pc.cli.bench", "decode speed and output quality against llama.cpp, side by side"),

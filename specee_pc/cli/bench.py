@@ -17,90 +17,47 @@ import os
 import sys
 from typing import Dict, List, Optional
 
+from .parser import ArgumentParser
 from ..drafters import HEAD_DRAFTERS
 from ..prompt_sets import HELD_OUT_PER_SET, SETS
 from .reports import name_list, run_command, write_report
-from .run import default_threads
+from ..options import KV_POLICIES, DecodeOptions, ModelOptions, add_arguments, from_args, layer_list
+
+SWEPT = ("predictor", "kv_policy", "exit_rule", "exit_threshold", "exit_threshold_unmatched", "speculate")
 
 
-def threshold_list(default_word: str):
-    """An argparse type: comma-separated thresholds, default_word standing for None (a default)."""
-    def parse(text: str) -> List[Optional[float]]:
-        try:
-            return [None if x == default_word else float(x) for x in name_list(text)] or [None]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated thresholds or {default_word!r}, "
-                                             f"got {text!r}") from None
-    return parse
+def build_parser() -> ArgumentParser:
+    from ..benchmark.configs import BASELINES
 
-
-def int_list(text: str) -> Optional[List[int]]:
-    """Comma-separated integers; 'none' is the empty list, 'file' None (the predictor file's)."""
-    if text == "file":
-        return None
-    try:
-        return [] if text == "none" else [int(x) for x in name_list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, 'none' or 'file', got {text!r}") from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from ..benchmark.configs import BASELINES, POLICIES, RULES
-
-    p = argparse.ArgumentParser(prog="specee-pc bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="specee-pc bench", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", metavar="MODEL.gguf", help="target model (default: the embedded SmolLM2-135M)")
-    p.add_argument("--predictor", nargs="+", default=["auto"], metavar="FILE.gguf",
-                   help="predictor files for the specee configurations, each run with the candidates it was trained "
-                        "on: its draft head if it has one, else prompt lookup (and --draft); 'auto': the one "
-                        "shipped for the model (default: auto)")
-    p.add_argument("--draft", metavar="DRAFT.gguf",
-                   help="draft model sharing the vocabulary: adds draft-model speculative decoding and specee with "
-                        "draft candidates")
+    add_arguments(p, DecodeOptions, ["predictor", "kv_policy", "exit_rule", "exit_threshold",
+                                     "exit_threshold_unmatched", "speculate"], sweep=True,
+                  defaults={"predictor": ["auto"], "kv_policy": list(KV_POLICIES), "speculate": ["auto"]},
+                  words={"kv_policy": ("none",), "speculate": ("none", "draft")})
+    add_arguments(p, DecodeOptions, ["draft", "draft_max", "offline_layers", "online_offsets"])
+    add_arguments(p, ModelOptions)
     p.add_argument("--sets", type=name_list, default=list(SETS), metavar="S1,S2",
                    help=f"prompt sets shipped with specee-pc (default: {','.join(SETS)})")
     p.add_argument("--per-set", type=int, default=4, metavar="N",
-                   help=f"first prompts of each set, at most {HELD_OUT_PER_SET}: those calibrate holds out (default: 4)")
+                   help=f"first prompts of each set, at most {HELD_OUT_PER_SET}: "
+                        "those calibrate holds out (default: 4)")
     p.add_argument("-n", "--n-predict", type=int, default=128, metavar="N", help="tokens per generation (default: 128)")
     p.add_argument("--runs", type=int, default=3, help="timed repetitions per prompt and configuration (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed generations per configuration first (default: 1)")
     p.add_argument("--baselines", type=name_list, default=list(BASELINES), metavar="B1,B2",
                    help="speculative decoding baselines: lookup (prompt lookup), draft (needs --draft); none")
-    p.add_argument("--policies", type=name_list, default=list(POLICIES), metavar="P1,P2",
-                   help="specee KV policies: exact, mask; none for no specee configuration (default: exact,mask)")
-    p.add_argument("--rules", type=name_list, default=["verify"], metavar="R1,R2",
-                   help=f"exit rules, of {', '.join(RULES)} (default: verify)")
-    p.add_argument("--thresholds", type=threshold_list("file"), default=[None], metavar="T1,T2",
-                   help="exit thresholds; 'file' is the predictor file's (default: file)")
-    p.add_argument("--thresholds-unmatched", type=threshold_list("same"), default=[None], metavar="U1,U2",
-                   help="the thresholds an exit needs when its token is not a prompt-lookup match in the context, "
-                        "each crossed with --thresholds; 'same': the threshold itself (default: same)")
-    p.add_argument("--offline-layers", type=int_list, default=None, metavar="L1,L2",
-                   help="specee: the layers every step checks for an exit, instead of the predictor file's "
-                        "(default: file)")
-    p.add_argument("--online-offsets", type=int_list, default=None, metavar="O1,O2",
-                   help="specee: also check these offsets around the last exits' layers, instead of the file's; "
-                        "'none' for no online layers (default: file)")
-    p.add_argument("--speculate", type=name_list, default=["auto"], metavar="D1,D2",
-                   help="specee-pc speculative decoding with these chain drafters: auto, head+lookup, head, lookup, "
-                        "draft (the --draft model); none (default: auto)")
-    p.add_argument("--draft-max", type=int, default=4, metavar="N",
-                   help="speculation: the longest chain a round verifies (default: 4)")
     p.add_argument("--prompts", metavar="FILE.jsonl",
                    help="prompts from this file instead of the shipped sets: one JSON object a line with \"prompt\" "
                         "(or \"turns\": its first is used)")
-    p.add_argument("--lookup-tokens", type=int_list, default=[10, 2], metavar="N1,N2",
+    p.add_argument("--lookup-tokens", type=layer_list, default=[10, 2], metavar="N1,N2",
                    help="llama-cpp-python prompt lookup baselines, one per num_pred_tokens (default: 10,2: its "
                         "default and its README's setting for CPUs)")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted by the draft model (default: 4)")
     p.add_argument("--oracle", action="store_true",
                    help="also measure the oracle bound of each drafter's candidates on these prompts (a full-model "
                         "pass recording every layer, and per-layer step timing)")
-    p.add_argument("-t", "--threads", type=int, default=default_threads(), metavar="N",
-                   help="CPU threads, the same for every configuration (default: %(default)s)")
-    p.add_argument("-c", "--ctx-size", type=int, default=2048, metavar="N", help="context size (default: 2048)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N", help="layers on the GPU (default: 0)")
-    p.add_argument("--offload-first", action="store_true", help="specee: the first -ngl layers on the GPU")
     p.add_argument("-o", "--output", metavar="PREFIX",
                    help="writes PREFIX.json and PREFIX.md (default: bench-<model name> in this folder)")
     p.add_argument("--plot", action="store_true", help="also PREFIX-threshold.png and PREFIX-exit-layers.png")
@@ -108,23 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    from ..benchmark.configs import BASELINES, POLICIES, RULES
+    """What the flags' own types cannot check; a list of option values was checked value by value."""
+    from ..benchmark.configs import BASELINES
 
-    from ..chains import CHAIN_DRAFTERS
-
+    args.n_threads = from_args(ModelOptions, args).n_threads
+    from_args(DecodeOptions, args, skip=SWEPT)
     args.speculate = [] if args.speculate == ["none"] else args.speculate
-    for values, allowed, what in ((args.baselines, BASELINES, "baseline"), (args.policies, POLICIES, "policy"),
-                                  (args.rules, RULES, "exit rule"),
-                                  (args.speculate, CHAIN_DRAFTERS + ("draft",), "speculation drafter")):
-        bad = [v for v in values if v not in allowed]
-        if bad:
-            raise ValueError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
+    args.kv_policy = [] if args.kv_policy == ["none"] else args.kv_policy
+    bad = [v for v in args.baselines if v not in BASELINES]
+    if bad:
+        raise ValueError(f"unknown baseline {', '.join(bad)}; choose from {', '.join(BASELINES)}")
     if not 1 <= args.per_set <= HELD_OUT_PER_SET:
         raise ValueError(f"--per-set must be 1..{HELD_OUT_PER_SET} (prompts beyond that trained the predictors)")
     if args.runs < 1 or args.n_predict < 2 or min(args.lookup_tokens or [1]) < 1 or args.draft_tokens < 1:
         raise ValueError("--runs, --lookup-tokens and --draft-tokens must be at least 1, and -n at least 2")
-    if not 1 <= args.draft_max <= 16:
-        raise ValueError("--draft-max must be in 1..16")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -141,19 +95,19 @@ def measure_oracle(args, model: str, weights, prompts, k: int, head_files: Dict[
     from ..oracle import oracle_exits, speed_bound, step_ms_by_exit_layer
 
     llama_kwargs = dict(n_gpu_layers=args.n_gpu_layers)
-    step_ms = step_ms_by_exit_layer(model, args.threads, **llama_kwargs)
+    step_ms = step_ms_by_exit_layer(model, args.n_threads, **llama_kwargs)
     drafters = {"ngram": NgramDrafter}
     if args.draft:
-        drafters["draft"] = lambda: DraftModelDrafter(args.draft, target_vocab=weights.n_vocab, n_ctx=args.ctx_size,
-                                                      n_threads=args.threads, n_gpu_layers=args.n_gpu_layers)
+        drafters["draft"] = lambda: DraftModelDrafter(args.draft, target_vocab=weights.n_vocab, n_ctx=args.n_ctx,
+                                                      n_threads=args.n_threads, n_gpu_layers=args.n_gpu_layers)
     for name, path in head_files.items():
-        drafters[name] = lambda kind=HEAD_DRAFTERS[name], path=path: kind(path, weights, n_ctx=args.ctx_size,
-                                                                            n_threads=args.threads)
+        drafters[name] = lambda kind=HEAD_DRAFTERS[name], path=path: kind(path, weights, n_ctx=args.n_ctx,
+                                                                            n_threads=args.n_threads)
     result = {}
     for name, make in drafters.items():
         drafter = make()
         try:
-            layers = oracle_exits(model, drafter, prompts, args.n_predict, k, args.threads, n_ctx=args.ctx_size,
+            layers = oracle_exits(model, drafter, prompts, args.n_predict, k, args.n_threads, n_ctx=args.n_ctx,
                                   **llama_kwargs)
         finally:
             if hasattr(drafter, "close"):
@@ -203,7 +157,7 @@ def head_budget_probe(model: str, heads: dict, args, budgets: dict):
         return
     from ..oracle import layer_ms_of, timing_model
 
-    with timing_model(model, args.threads, n_gpu_layers=args.n_gpu_layers) as llm:
+    with timing_model(model, args.n_threads, n_gpu_layers=args.n_gpu_layers) as llm:
         layer_ms_of(llm, runs=1)  # untimed: the first decodes of a fresh model are slower
 
         def probe(prompt: str, rep: int) -> None:
@@ -233,17 +187,18 @@ def bench(args) -> int:
     model = args.model or default_model_path()
     weights = open_weights(model)
     prompts = user_prompts(args.prompts) if args.prompts else first_prompts(args.sets, args.per_set)
-    models = BenchModels(model, predictors=args.predictor, draft=args.draft, n_ctx=args.ctx_size,
-                         n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, offload_first=args.offload_first)
-    configs = build_configs(models, baselines=args.baselines, policies=args.policies, rules=args.rules,
-                            thresholds=args.thresholds, thresholds_unmatched=args.thresholds_unmatched,
+    models = BenchModels(model, predictors=args.predictor, draft=args.draft, n_ctx=args.n_ctx,
+                         n_threads=args.n_threads, n_gpu_layers=args.n_gpu_layers,
+                         offload_first=args.offload_first_layers)
+    configs = build_configs(models, baselines=args.baselines, policies=args.kv_policy, rules=args.exit_rule,
+                            thresholds=args.exit_threshold, thresholds_unmatched=args.exit_threshold_unmatched,
                             lookup_tokens=args.lookup_tokens,
                             draft_tokens=args.draft_tokens, offline_layers=args.offline_layers,
                             online_offsets=args.online_offsets, speculate=args.speculate, draft_max=args.draft_max)
     try:
         vanilla = configs[0].llm
         tokens = {p.name: chat_tokens(vanilla, p.text) for p in prompts}
-        room = args.ctx_size - args.n_predict - 8  # a few cells for drafts and repair batches
+        room = args.n_ctx - args.n_predict - 8  # a few cells for drafts and repair batches
         too_long = [f"{name} ({len(t)} tokens)" for name, t in tokens.items() if len(t) > room]
         if too_long:
             raise ValueError(f"prompts longer than the context allows with -n {args.n_predict}: "
@@ -256,7 +211,7 @@ def bench(args) -> int:
         with head_budget_probe(model, heads, args, budgets) as probe:
             runs = timed_runs(configs, prompts, tokens, args, after_prompt=probe)
         # the replay must place layers as the configurations did: no replay under reversed offload
-        replay = (None if args.offload_first and args.n_gpu_layers else
+        replay = (None if args.offload_first_layers and args.n_gpu_layers else
                   llama_cpp.Llama(model, logits_all=True, draft_model=ReplayExits([]), **models.llama_kwargs()))
         try:
             checks = check_outputs(configs, runs, tokens, vanilla, replay)
@@ -279,8 +234,8 @@ def bench(args) -> int:
                          "sets": sorted({p.set_name for p in prompts}) if args.prompts else args.sets,
                          "prompt_file": args.prompts, "per_set": args.per_set,
                          "prompts": len(prompts), "n_new": args.n_predict, "runs": args.runs, "warmup": args.warmup,
-                         "threads": args.threads, "n_ctx": args.ctx_size, "n_gpu_layers": args.n_gpu_layers,
-                         "offload_first": args.offload_first, "offline_layers": args.offline_layers,
+                         "threads": args.n_threads, "n_ctx": args.n_ctx, "n_gpu_layers": args.n_gpu_layers,
+                         "offload_first": args.offload_first_layers, "offline_layers": args.offline_layers,
                          "online_offsets": args.online_offsets},
             "configs": entries,
             "draft_head_cost": head_cost,

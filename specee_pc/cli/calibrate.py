@@ -24,36 +24,39 @@ from typing import List, Optional
 
 import numpy as np
 
+from .parser import ArgumentParser
 from ..drafters import HEAD_DRAFTERS
 from ..errors import SpeceeError
+from ..options import DecodeOptions, ModelOptions, add_arguments, from_args
 from ..predictor_file import HEAD_TYPES, PredictorFile, model_fingerprint, write_predictor_file
 from ..prompt_sets import HELD_OUT_PER_SET, PROMPTS_DIR
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="specee-pc calibrate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="specee-pc calibrate", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL.gguf")
     p.add_argument("--data", nargs="+", default=[PROMPTS_DIR], metavar="PATH",
                    help="prompt .jsonl files ({'turns': [...]} per line) or folders of <set>/question.jsonl "
                         "(default: the six SpecEE/EAGLE prompt sets shipped with specee-pc)")
     p.add_argument("-o", "--output", help="predictor file to write (default: MODEL.specee.gguf)")
-    p.add_argument("--draft", metavar="DRAFT.gguf", help="draft model for candidates (default: prompt lookup)")
+    add_arguments(p, DecodeOptions, ["draft"])
     p.add_argument("--prompts", type=int, default=160, help="training prompts to decode (default: 160)")
     p.add_argument("--held-out-per-set", type=int, default=HELD_OUT_PER_SET,
                    help="first prompts of each set kept out of training (default: 20)")
     p.add_argument("--eval-prompts", type=int, default=24, help="held-out prompts to evaluate on (default: 24)")
     p.add_argument("-n", "--tokens", type=int, default=64, help="tokens decoded per prompt (default: 64)")
     p.add_argument("-k", type=int, default=4, help="candidates per step (default: 4)")
-    p.add_argument("--offline-layers", type=int, default=8, help="how many offline layers to pick (default: 8)")
-    p.add_argument("--threshold", type=float, default=0.5, help="exit threshold stored in the file (default: 0.5)")
+    p.add_argument("--n-offline-layers", type=int, default=8, metavar="N",
+                   help="how many offline layers to pick, where exits concentrate (default: 8)")
+    add_arguments(p, DecodeOptions, ["exit_threshold"], defaults={"exit_threshold": 0.5})  # the file's
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--hidden", type=int, default=512, help="MLP hidden size (default: 512)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all usable)")
+    add_arguments(p, ModelOptions, ["n_threads"])
     p.add_argument("--work-dir", help="where collected records go (default: OUTPUT.calib/)")
     p.add_argument("--on-policy", action="store_true",
                    help="for kv_policy mask: train the predictors once, decode the training prompts with their exits "
@@ -115,6 +118,12 @@ def report(metrics, simulated, offline) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        threshold = from_args(DecodeOptions, args).exit_threshold
+        threads = from_args(ModelOptions, args).n_threads
+    except ValueError as e:
+        print(f"specee-pc: error: {e}", file=sys.stderr)
+        return 1
+    try:
         import torch
     except ImportError:
         print("specee-pc: error: calibrate trains with torch: pip install 'specee-pc[train]' "
@@ -128,7 +137,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     output = args.output or os.path.splitext(args.model)[0] + ".specee.gguf"
     work_dir = args.work_dir or output + ".calib"
-    threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     try:
         prompts = load_prompts(args.data)
@@ -165,12 +173,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         records_suffix = ""
 
         def train_predictors(records):
-            offline = choose_offline_layers(records, args.offline_layers)
+            offline = choose_offline_layers(records, args.n_offline_layers)
             return offline, train_all(records, range(w.n_layer - 1), offline, hidden=args.hidden,
                                       epochs=args.epochs, lr=args.lr, batch=args.batch, seed=args.seed)
 
         def predictor_file(offline, predictors):
-            return PredictorFile(w.arch, w.n_layer, w.n_embd, w.n_vocab, args.k, args.threshold, offline, [-2, 0, 2],
+            return PredictorFile(w.arch, w.n_layer, w.n_embd, w.n_vocab, args.k, threshold, offline, [-2, 0, 2],
                                  predictors, model_name=os.path.basename(args.model),
                                  model_fingerprint=model_fingerprint(w), drafter=drafter_name, head=head)
 
@@ -214,7 +222,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         llm.feed_hidden_states(None)
         collected = time.perf_counter() - start
         offline, predictors = train_predictors(train)
-        metrics = evaluate(predictors, evaluation, offline, args.threshold)
+        metrics = evaluate(predictors, evaluation, offline, threshold)
         simulated = [(t, simulate_schedule(predictors, evaluation, offline, t)) for t in THRESHOLDS]
         write_predictor_file(output, predictor_file(offline, predictors))
     except (SpeceeError, ValueError) as e:
@@ -231,8 +239,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "candidate_hit_rate": float(evaluation.cand_hit.mean()), "offline_layers": offline,
                    "collection_seconds": round(collected, 1), "layers": [m.__dict__ for m in metrics],
                    "draft_head": head_report,
-                   "thresholds": [{"threshold": t, "exit_ratio": r, "agreement": a, "mean_layers": l}
-                                  for t, (r, a, l) in simulated]}, f, indent=1)
+                   "thresholds": [{"threshold": t, "exit_ratio": r, "agreement": a, "mean_layers": layers}
+                                  for t, (r, a, layers) in simulated]}, f, indent=1)
     print(f"wrote {output} ({len(train.label)} training steps, offline layers {offline}; "
           f"candidate hit rate on held-out steps {evaluation.cand_hit.mean():.2f})")
     return 0

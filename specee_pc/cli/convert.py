@@ -18,8 +18,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from .parser import ArgumentParser
 from ..errors import SpeceeError
 from ..model_file import open_weights
+from ..options import DecodeOptions, add_arguments, from_args
 from ..predictor_file import (LayerPredictor, PredictorFile, model_fingerprint, read_predictor_file,
                               write_predictor_file)
 
@@ -124,7 +126,8 @@ def inspect(path: str) -> str:
     p = read_predictor_file(path)
     first = next(iter(p.layers.values()), None)
     lines = [f"{path}",
-             f"  model         {p.model_name or '?'} ({p.model_arch}, {p.model_n_layer} layers, n_embd {p.model_n_embd}, "
+             f"  model         {p.model_name or '?'} ({p.model_arch}, {p.model_n_layer} layers, "
+             f"n_embd {p.model_n_embd}, "
              f"vocab {p.model_n_vocab}, fingerprint {p.model_fingerprint or 'none'})",
              f"  drafter       {p.drafter}, k = {p.k}, features {p.features}",
              f"  threshold     {p.threshold}",
@@ -145,17 +148,19 @@ def inspect(path: str) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="specee-pc convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="FILE", help="PyTorch/safetensors files, or with --inspect a predictor GGUF")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="specee-pc convert", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="FILE",
+                   help="PyTorch/safetensors files, or with --inspect a predictor GGUF")
     p.add_argument("--inspect", action="store_true", help="print what a predictor GGUF holds")
     p.add_argument("--model", metavar="MODEL.gguf", help="the model the predictors belong to (required to convert)")
     p.add_argument("-o", "--output", help="predictor GGUF to write")
-    p.add_argument("--offline-layers", help="comma-separated layers always checked "
-                                            "(default for 32-layer models: SpecEE's Llama-2-7B set)")
-    p.add_argument("--threshold", type=float, default=0.5, help="exit threshold (default: 0.5)")
-    p.add_argument("--drafter", default="eagle", help="drafter the predictors were trained with (default: eagle)")
+    add_arguments(p, DecodeOptions, ["offline_layers", "exit_threshold"],
+                  defaults={"exit_threshold": 0.5})  # the file's: what decoding with it defaults to
+    p.add_argument("--trained-drafter", default="eagle", metavar="NAME",
+                   help="the drafter whose candidates the predictors were trained on, stored in the file "
+                        "(default: eagle)")
     return p
 
 
@@ -169,8 +174,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.model or not args.output:
             raise SpeceeError("converting needs --model MODEL.gguf and -o OUTPUT.gguf")
         weights = open_weights(args.model)
+        options = from_args(DecodeOptions, args)
         if args.offline_layers:
-            offline = [int(x) for x in args.offline_layers.split(",")]
+            offline = list(options.offline_layers)
         elif weights.n_layer == 32:
             offline = SPECEE_LLAMA2_7B_OFFLINE
         else:
@@ -187,9 +193,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if missing:
             raise SpeceeError(f"offline layers {missing} have no predictor in the inputs")
         write_predictor_file(args.output, PredictorFile(
-            weights.arch, weights.n_layer, weights.n_embd, weights.n_vocab, k, args.threshold, offline,
+            weights.arch, weights.n_layer, weights.n_embd, weights.n_vocab, k, options.exit_threshold, offline,
             [-2, 0, 2], layers, model_name=os.path.basename(args.model),
-            model_fingerprint=model_fingerprint(weights), drafter=args.drafter))
+            model_fingerprint=model_fingerprint(weights), drafter=args.trained_drafter))
     except (SpeceeError, ValueError, OSError) as e:
         print(f"specee-pc: error: {e}", file=sys.stderr)
         return 1

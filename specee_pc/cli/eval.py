@@ -16,34 +16,25 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..drafters import DRAFTER_NAMES
 from .reports import name_list, run_command, write_report
-from .run import default_threads
+from .parser import ArgumentParser
+from ..options import KV_POLICIES, DecodeOptions, ModelOptions, add_arguments, from_args
 
 TASK_NAMES = ("gsm8k", "csqa", "sst2", "mmlu", "lambada")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="specee-pc eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="specee-pc eval", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", metavar="MODEL.gguf", help="model (default: the embedded SmolLM2-135M)")
     p.add_argument("--tasks", type=name_list, default=list(TASK_NAMES), metavar="T1,T2",
                    help=f"of {', '.join(TASK_NAMES)} (default: all)")
     p.add_argument("--limit", type=int, default=40, metavar="N", help="items per task, the first ones (default: 40)")
-    p.add_argument("--predictor", default="auto", metavar="FILE.gguf",
-                   help="predictor file (default: the one shipped for the model)")
-    p.add_argument("--draft", metavar="DRAFT.gguf", help="candidates from this draft model (instead of --drafter)")
-    p.add_argument("--drafter", choices=DRAFTER_NAMES, default="auto",
-                   help="candidates from the predictor file's draft head, the head merged with prompt lookup "
-                        "(head+lookup), or prompt lookup (ngram); auto: the ones the file's predictors were "
-                        "trained on (default)")
-    p.add_argument("--policies", type=name_list, default=["exact", "mask"], metavar="P1,P2",
-                   help="KV policies to evaluate with early exit (default: exact,mask)")
-    p.add_argument("--exit-rule", choices=["verify", "candidates"], default="verify", help="(default: verify)")
-    p.add_argument("--threshold", type=float, default=None, help="exit threshold (default: the predictor file's)")
+    add_arguments(p, DecodeOptions, ["predictor", "draft", "drafter", "exit_rule", "exit_threshold"],
+                  defaults={"predictor": "auto"})
+    add_arguments(p, DecodeOptions, ["kv_policy"], sweep=True, defaults={"kv_policy": list(KV_POLICIES)})
     p.add_argument("--gsm8k-tokens", type=int, default=256, help="most tokens of a GSM8K answer (default: 256)")
-    p.add_argument("-t", "--threads", type=int, default=default_threads(), metavar="N")
-    p.add_argument("-c", "--ctx-size", type=int, default=2048, metavar="N", help="context size (default: 2048)")
+    add_arguments(p, ModelOptions, ["n_ctx", "n_threads"])
     p.add_argument("-o", "--output", metavar="PREFIX", help="writes PREFIX.json and PREFIX.md (default: eval-<model>)")
     return p
 
@@ -115,7 +106,7 @@ def fitting_items(llm, candidates: dict, args):
 
     items, skipped = {}, {}
     for task, task_items in candidates.items():
-        room = args.ctx_size - (args.gsm8k_tokens if task == "gsm8k" else 2)
+        room = args.n_ctx - (args.gsm8k_tokens if task == "gsm8k" else 2)
         items[task], skipped[task] = [], 0
         for item in task_items:
             if len(items[task]) == args.limit:
@@ -183,19 +174,20 @@ def evaluate(args) -> int:
         raise ValueError(f"unknown task(s) {', '.join(bad)}; choose from {', '.join(TASK_NAMES)}")
     if args.limit < 1:
         raise ValueError("--limit must be at least 1")
+    model_options = from_args(ModelOptions, args)
+    options = from_args(DecodeOptions, args, skip=("kv_policy",))
     model = args.model or default_model_path()
     # twice the items asked for, so that prompts too long for the context can be passed over
     candidates = {task: TASKS[task](2 * args.limit) for task in args.tasks}  # data errors before models
     predictor = resolve_predictor(args.predictor, model, open_weights(model))
-    common = dict(n_ctx=args.ctx_size, n_threads=args.threads, verbose=False)
+    common = dict(n_ctx=model_options.n_ctx, n_threads=model_options.n_threads, verbose=False)
     configs = {"full": Llama(model, **common)}
     tasks = {}
     try:
         items, skipped = fitting_items(configs["full"], candidates, args)
-        for policy in args.policies:
-            configs[f"specee {policy}"] = Llama(model, **common, predictor=predictor, kv_policy=policy,
-                                                exit_rule=args.exit_rule, exit_threshold=args.threshold,
-                                                drafter=args.draft or args.drafter)
+        for policy in args.kv_policy:
+            configs[f"specee {policy}"] = Llama(model, **common, options=options.replace(predictor=predictor,
+                                                                                         kv_policy=policy))
         for task, task_items in items.items():
             def progress(xs, task=task):
                 return tqdm(xs, desc=task, unit="item")
@@ -217,8 +209,8 @@ def evaluate(args) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "settings": {"model": os.path.abspath(model), "model_name": os.path.basename(model), "predictor": predictor,
-                     "draft": args.draft, "exit_rule": args.exit_rule, "threshold": args.threshold,
-                     "limit": args.limit, "threads": args.threads, "n_ctx": args.ctx_size},
+                     "draft": args.draft, "exit_rule": args.exit_rule, "threshold": args.exit_threshold,
+                     "limit": args.limit, "threads": model_options.n_threads, "n_ctx": model_options.n_ctx},
         "configs": list(configs),
         "tasks": tasks,
     }

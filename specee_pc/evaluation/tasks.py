@@ -84,7 +84,8 @@ def _choice_block(question: str, options: List[str]) -> str:
 
 def mmlu(limit: int) -> List[ChoiceItem]:
     """MMLU test questions, round-robin over the subjects, each with its subject's 5 dev examples."""
-    subjects = sorted(os.path.basename(p) for p in glob.glob(os.path.join(data_dir(), "hf_datasets/hails/mmlu_no_train/*")))
+    subjects = sorted(os.path.basename(p)
+                      for p in glob.glob(os.path.join(data_dir(), "hf_datasets/hails/mmlu_no_train/*")))
     tests: Dict[str, List[dict]] = {s: _arrow_rows(f"hails/mmlu_no_train/{s}/test/*.arrow") for s in subjects}
     contexts: Dict[str, str] = {}  # each subject's header and dev examples, read when first needed
     items, i = [], 0
@@ -94,8 +95,10 @@ def mmlu(limit: int) -> List[ChoiceItem]:
                 if subject not in contexts:
                     shots = _arrow_rows(f"hails/mmlu_no_train/{subject}/dev/*.arrow")
                     contexts[subject] = (
-                        f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-                        + "".join(_choice_block(s["question"], s["choices"]) + f" {LETTERS[s['answer']]}\n\n" for s in shots))
+                        "The following are multiple choice questions (with answers) "
+                        f"about {subject.replace('_', ' ')}.\n\n"
+                        + "".join(_choice_block(s["question"], s["choices"]) + f" {LETTERS[s['answer']]}\n\n"
+                                  for s in shots))
                 row = tests[subject][i]
                 items.append(ChoiceItem(contexts[subject] + _choice_block(row["question"], row["choices"]),
                                         [f" {LETTERS[j]}" for j in range(len(row["choices"]))], row["answer"]))
@@ -114,7 +117,8 @@ def sst2(limit: int, shots: int = 4) -> List[ChoiceItem]:
 
 def lambada(limit: int) -> List[TextItem]:
     """LAMBADA passages; the continuation is the last word the passage sets up."""
-    return [TextItem(r["request"]["context"], r["request"]["continuation"]) for r in _requests("lambada/bpb_0shot")[:limit]]
+    return [TextItem(r["request"]["context"], r["request"]["continuation"])
+            for r in _requests("lambada/bpb_0shot")[:limit]]
 
 
 TASKS = {"gsm8k": gsm8k, "csqa": csqa, "sst2": sst2, "mmlu": mmlu, "lambada": lambada}

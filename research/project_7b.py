@@ -4,19 +4,20 @@ partial GPU offload, from what `specee-pc bench --oracle` measured on a small mo
 
 Measured (from the bench JSON): each specee configuration's exit-layer distribution (as a share
 of the model's depth), its predictor checks and verifying LM heads per step, its drafter's cost as
-a share of a vanilla step, and the exact policy's confirmed-exit ratio; the small model's per-layer step time on this CPU (reported, and
-the CPU bandwidth used unless --cpu-gbps is given).
+a share of a vanilla step, and the exact policy's confirmed-exit ratio; the small model's per-layer
+step time on this CPU (reported, and the CPU bandwidth used unless --cpu-gbps is given).
 Assumed (flags): a Llama-2-7B Q4_K_M (32 layers of ~122 MB, LM head ~107 MB), decode limited by
 memory bandwidth on both devices, the bandwidths of a laptop (RTX 4060 Laptop ~200 GB/s effective,
 DDR5 dual channel ~45 GB/s effective), and the cost of a 2-token batch relative to one token.
 
 Per token: vanilla = sum of layer times + LM head. A mask-policy configuration (SpecEE) = layers
-0..e + one full LM head under the verify rule (none under the candidates rule) + the decision; an exact one = the same first pass, then on an exit a
-2-token batch through every layer, which also yields the next token when the exit is confirmed.
+0..e + one full LM head under the verify rule (none under the candidates rule) + the decision; an
+exact one = the same first pass, then on an exit a 2-token batch through every layer, which also
+yields the next token when the exit is confirmed.
 Offload: llama.cpp puts the last -ngl layers on the GPU; SpecEE's reversed offload the first
 ones and the LM head, so exits skip CPU layers.
 
-    python tools/project_7b.py bench-smollm2.json --ngl 0,8,16,24,33
+    python research/project_7b.py bench-smollm2.json --ngl 0,8,16,24,33
 """
 import argparse
 import json
@@ -77,7 +78,8 @@ def main() -> None:
     ap.add_argument("--layer-mb", type=float, default=122.0, help="MB of weights per layer (Llama-2-7B Q4_K_M)")
     ap.add_argument("--head-mb", type=float, default=107.0, help="MB of the LM head (32000 x 4096, Q6_K)")
     ap.add_argument("--gpu-gbps", type=float, default=200.0, help="effective GPU bandwidth, GB/s")
-    ap.add_argument("--cpu-gbps", type=float, default=45.0, help="effective CPU bandwidth, GB/s (this machine's is printed)")
+    ap.add_argument("--cpu-gbps", type=float, default=45.0,
+                    help="effective CPU bandwidth, GB/s (this machine's is printed)")
     ap.add_argument("--batch2-gpu", type=float, default=1.05, help="2-token batch time / 1-token, GPU")
     ap.add_argument("--batch2-cpu", type=float, default=1.3, help="2-token batch time / 1-token, CPU")
     ap.add_argument("--sync-ms", type=float, default=0.03, help="host sync per predictor check, ms")
@@ -101,7 +103,8 @@ def main() -> None:
         for ngl in (int(x) for x in args.ngl.split(",")):
             for reversed_offload in ((False, True) if 0 < ngl < args.layers else (False,)):
                 p = project(config, small_layers, args, ngl, reversed_offload, vanilla_ms)
-                print(f"| {config['name']} | {'first layers (SpecEE)' if reversed_offload else 'last layers (llama.cpp)'} "
+                print(f"| {config['name']} | "
+                      f"{'first layers (SpecEE)' if reversed_offload else 'last layers (llama.cpp)'} "
                       f"| {ngl} | {p['vanilla_tps']:.1f} | {p['specee_tps']:.1f} | {p['speedup']:.2f}x |")
 
 

@@ -12,9 +12,9 @@ comes with a paired bootstrap over prompts (every configuration resampled with t
 Reports must hold the same prompts, token counts and policy (several reports' configurations
 are pooled: one threshold sweep can be extended by another). --against-reports are read for the
 other drafter's configurations alone, so an experiment that re-runs configurations under their
-old names (tools/head_confidence_gate.py) compares with earlier sweeps.
+old names (research/head_confidence_gate.py) compares with earlier sweeps.
 
-    python tools/exit_frontier.py results/bench-smollm2-mask-unmatched.json \\
+    python research/exit_frontier.py results/bench-smollm2-mask-unmatched.json \\
         results/bench-smollm2-mask-unmatched-pairs.json --drafter head+lookup --against ngram
 """
 import argparse

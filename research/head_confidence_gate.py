@@ -9,9 +9,9 @@ over the head's draft vocabulary, from the same proposal) is at least --confiden
 matched, so with `--thresholds-unmatched 1.0` the head+lookup drafter exits on lookup's matches
 and on the head's confident candidates only. Compare the report with prompt lookup's curve:
 
-    python tools/head_confidence_gate.py --confidence 0.5 --predictor P.gguf --policies mask \\
+    python research/head_confidence_gate.py --confidence 0.5 --predictor P.gguf --policies mask \\
         --thresholds 0.3,0.5,0.7 --thresholds-unmatched 1.0 --baselines none --runs 1 -o R
-    python tools/exit_frontier.py R.json --against-reports <prompt lookup's reports>
+    python research/exit_frontier.py R.json --against-reports <prompt lookup's reports>
 
 Every other argument is the bench's (`specee-pc bench --help`). On SmolLM2-135M the answer is no
 (results/exit-frontier-smollm2-mask-head-confident.md).

@@ -17,7 +17,7 @@ same prefix, only what deeper layers see of earlier exits changes). Exit steps a
 its context (the bar of exit_threshold_unmatched), each part's wrong exits, and the full-depth
 steps that go wrong with only that part's holes masked, per 100 of its exits.
 
-    python tools/kv_hole_fill.py --config head+lookup 0.9 P.gguf --config ngram 0.7 Q.gguf -o R.md
+    python research/kv_hole_fill.py --config head+lookup 0.9 P.gguf --config ngram 0.7 Q.gguf -o R.md
 """
 import argparse
 import os
@@ -44,7 +44,8 @@ def wrong_tokens(reference, tokens, generated):
     the outputs are teacher-forced with these exits and this hole treatment."""
     sequence, first = tokens + generated[:-1], len(tokens) - 1
     full = reference.forward(sequence, first=first).argmax(axis=1)
-    return lambda exits, holes="mask": reference.forward(sequence, exits, holes=holes, first=first).argmax(axis=1) != full
+    return lambda exits, holes="mask": (
+        reference.forward(sequence, exits, holes=holes, first=first).argmax(axis=1) != full)
 
 
 def by_match(wrong, tokens, generated, exits_at, exited, wrong_masked, total: Counter) -> None:
@@ -105,9 +106,11 @@ def match_row(drafter, threshold, t: Counter) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", default=None, help="GGUF model, llama architecture (default: embedded SmolLM2-135M)")
+    ap.add_argument("model", nargs="?", default=None,
+                    help="GGUF model, llama architecture (default: embedded SmolLM2-135M)")
     ap.add_argument("--config", nargs=3, action="append", required=True, metavar=("DRAFTER", "THRESHOLD", "PREDICTOR"),
-                    help="a drafter (head+lookup, head, ngram), its exit threshold and the predictor file trained on its candidates; repeatable")
+                    help="a drafter (head+lookup, head, ngram), its exit threshold and the predictor file trained on "
+                         "its candidates; repeatable")
     ap.add_argument("--per-set", type=int, default=4, help="held-out prompts from each of the six sets")
     ap.add_argument("-n", type=int, default=128, help="tokens generated per prompt")
     ap.add_argument("-t", "--threads", type=int, default=2)
@@ -119,10 +122,12 @@ def main() -> int:
     prompts = first_prompts(SETS, args.per_set)
     reference = LlamaReference(args.model)
 
-    lines = [f"### Mask's KV holes masked or filled: {os.path.basename(args.model)}, {len(prompts)} held-out prompts x {args.n} tokens",
-             "", "Outputs decoded under `mask`, then teacher-forced through a float32 numpy forward; a step disagrees when its "
-             "greedy token is not the full model's on the same prefix.", "",
-             "| configuration | steps | exits/step | full-depth steps disagreeing, masked | filled | all steps disagreeing, masked | filled |",
+    lines = [f"### Mask's KV holes masked or filled: {os.path.basename(args.model)}, {len(prompts)} held-out prompts "
+             f"x {args.n} tokens",
+             "", "Outputs decoded under `mask`, then teacher-forced through a float32 numpy forward; a step disagrees "
+             "when its greedy token is not the full model's on the same prefix.", "",
+             "| configuration | steps | exits/step | full-depth steps disagreeing, masked | filled "
+             "| all steps disagreeing, masked | filled |",
              "|---|---|---|---|---|---|---|"]
     matches = ["", "Exits split by whether prompt lookup finds the exit token in its context; full-depth steps "
                "disagreeing with only that part's holes masked, per 100 of its exits.", "",
