@@ -28,7 +28,7 @@ from .errors import ModelFileError
 from .hook import LayerHook
 from .model_file import open_weights
 from .offload import offload_first_layers
-from .options import DecodeOptions
+from .options import DecodeOptions, ModelOptions
 from .predictor_file import PredictorFile, read_predictor_file
 from .runtime import Target
 from .stats import GenerationStats
@@ -63,6 +63,9 @@ class Llama(llama_cpp.Llama):
 
     def __init__(self, model_path: str, *, verbose: bool = True, options: Optional[DecodeOptions] = None,
                  offload_first_layers: bool = False, **kwargs):
+        # the loading options specee-pc's commands set are checked as theirs are (None: llama_cpp's default)
+        ModelOptions(**{name: kwargs[name] for name in ("n_ctx", "n_threads", "n_gpu_layers")
+                        if kwargs.get(name) is not None})
         decode = {name: kwargs.pop(name) for name in DECODE_FIELDS if name in kwargs}
         options = (options or DecodeOptions()).replace(**decode) if decode else (options or DecodeOptions())
         # our own checks first: llama.cpp would only say "failed to load model"

@@ -166,7 +166,7 @@ class ModelOptions:
     """How the model is loaded: llama_cpp.Llama's arguments that specee-pc's commands set."""
 
     n_ctx: int = option(2048, "--ctx-size", short="-c", type=int, metavar="N",
-                        help="context size in tokens, at least 16")
+                        help="context size in tokens, at least 16; 0: the model's training context")
     n_threads: Optional[int] = option(
         None, "--threads", short="-t", type=int, metavar="N", help="CPU threads",
         default_text="all cores on machines of up to 4, half of them above")
@@ -184,8 +184,9 @@ class ModelOptions:
         self.check()
 
     def check(self) -> None:
-        if not _is_int(self.n_ctx) or self.n_ctx < 16:
-            raise ValueError(_bad("n_ctx", self.n_ctx, "must be at least 16 tokens", cls=ModelOptions))
+        if not _is_int(self.n_ctx) or 0 < self.n_ctx < 16 or self.n_ctx < 0:
+            raise ValueError(_bad("n_ctx", self.n_ctx, "must be at least 16 tokens (or 0: the model's)",
+                                  cls=ModelOptions))
         if not _is_int(self.n_threads) or self.n_threads < 1:
             raise ValueError(_bad("n_threads", self.n_threads, "must be at least 1", cls=ModelOptions))
         if not _is_int(self.n_gpu_layers) or self.n_gpu_layers < -1:

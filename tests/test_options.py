@@ -56,7 +56,7 @@ def test_bad_decode_options_name_their_flag_in_one_line(changes, flag):
 
 
 def test_bad_model_options_and_modes():
-    for changes in ({"n_ctx": -5}, {"n_threads": 0}, {"n_gpu_layers": -2}):
+    for changes in ({"n_ctx": -5}, {"n_ctx": 8}, {"n_threads": 0}, {"n_gpu_layers": -2}):
         with pytest.raises(ValueError):
             ModelOptions(**changes)
     assert DecodeOptions().mode == "plain"
@@ -69,6 +69,8 @@ def test_llama_checks_its_options_before_loading(tmp_path):
     # a missing file would be the other error: the options come first
     with pytest.raises(ValueError, match="--threshold"):
         specee_pc.Llama(str(tmp_path / "missing.gguf"), exit_threshold=2.0)
+    with pytest.raises(ValueError, match="-c"):
+        specee_pc.Llama(str(tmp_path / "missing.gguf"), n_ctx=-5)
     with pytest.raises(TypeError):
         DecodeOptions(no_such_option=1)
 
