@@ -221,11 +221,12 @@ def _fields(cls) -> Dict[str, dataclasses.Field]:
 # ---------------------------------------------------------------------- command lines
 
 def add_arguments(parser, cls, names: Optional[Iterable[str]] = None, *, defaults: Optional[Dict[str, Any]] = None,
-                  sweep: bool = False, words: Optional[Dict[str, Sequence[str]]] = None) -> None:
+                  default_texts: Optional[Dict[str, str]] = None, sweep: bool = False,
+                  words: Optional[Dict[str, Sequence[str]]] = None) -> None:
     """Add the flags of cls's fields (all, or names) to an argparse parser or group. defaults: a
-    command's own defaults (help shows them). sweep: bench's comma-separated lists under the
-    fields' sweep flags, each value checked by cls ("default": the field's default) or one of
-    the command's own words for that field."""
+    command's own defaults (help shows them), default_texts: what a None default means there.
+    sweep: bench's comma-separated lists under the fields' sweep flags, each value checked by cls
+    ("default": the field's default) or one of the command's own words for that field."""
     fields = _fields(cls)
     defaults = defaults or {}
     for name in (names or fields):
@@ -233,7 +234,7 @@ def add_arguments(parser, cls, names: Optional[Iterable[str]] = None, *, default
         meta = f.metadata
         default = defaults.get(name, [f.default] if sweep else f.default)
         if default is None:
-            shown = meta["default_text"] or f.default
+            shown = (default_texts or {}).get(name) or meta["default_text"] or f.default
         elif isinstance(default, (list, tuple)):
             shown = ",".join(_DEFAULT_WORD if v is None else str(v) for v in default) or "none"
         else:

@@ -11,14 +11,19 @@ llama-cpp-python's. What this module adds:
   class turns them into 500s);
 - `GET /extras/speculation`: speculation's (or early exit's) statistics of the last requests.
 Requests are served one at a time (llama-cpp-python's locks): concurrent clients queue, none
-interrupts another.
+interrupts another. Every call into the model runs on one thread of its own, the one that loaded
+it (`ModelThread`): llama.cpp's OpenMP workers belong to the thread that first computed with
+them, and a model driven from a pool's changing threads decodes at about half speed.
 """
+import asyncio
 import collections
 import contextlib
 import datetime
+import functools
 import json
 import sys
-from typing import Deque, Dict, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Deque, Dict, Optional
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
@@ -29,7 +34,6 @@ from llama_cpp.server.errors import RouteErrorHandler
 from llama_cpp.server.settings import ServerSettings
 from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
 from sse_starlette.sse import EventSourceResponse
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from . import __version__
 from .llama import Llama
@@ -40,6 +44,25 @@ EXCLUDED_FIELDS = {"n", "best_of", "logit_bias_type", "user", "min_tokens"}
 
 class ModelNotFound(LookupError):
     pass
+
+
+class ModelThread:
+    """The one thread that loads the model and runs every call into it."""
+
+    def __init__(self):
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="specee-model")
+
+    def run(self, fn: Callable, *args, **kwargs):
+        """fn(*args, **kwargs) on the model's thread, waiting for it here."""
+        return self._executor.submit(fn, *args, **kwargs).result()
+
+    async def call(self, fn: Callable, *args, **kwargs):
+        """The same, awaited; a cancelled caller stops waiting, the call itself runs to its end
+        before the thread takes the next one."""
+        return await asyncio.wrap_future(self._executor.submit(functools.partial(fn, *args, **kwargs)))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
 
 
 class OneModel:
@@ -55,9 +78,6 @@ class OneModel:
 
     def __iter__(self):
         yield self.alias
-
-    def free(self) -> None:
-        self.llm.close()
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: Optional[str] = None,
@@ -148,8 +168,10 @@ class RequestLog:
                 "requests": entries}
 
 
-def create_app(llm: Llama, alias: str, *, history: int = 32, api_key: Optional[str] = None) -> FastAPI:
-    """The app serving llm as model `alias`; keeps the statistics of the last `history` requests."""
+def create_app(llm: Llama, alias: str, model_thread: ModelThread, *, history: int = 32,
+               api_key: Optional[str] = None) -> FastAPI:
+    """The app serving llm, which model_thread loaded, as model `alias`; keeps the statistics of the
+    last `history` requests."""
     settings = ServerSettings(api_key=api_key, interrupt_requests=False)
     llama_server.set_server_settings(settings)
     llama_server._llama_proxy = OneModel(llm, alias)  # the one place its module state is set
@@ -160,11 +182,11 @@ def create_app(llm: Llama, alias: str, *, history: int = 32, api_key: Optional[s
     app.add_exception_handler(HTTPException, lambda request, e: JSONResponse(
         error_body(str(e.detail), kind="authentication_error" if e.status_code == 401 else "invalid_request_error"),
         status_code=e.status_code, headers=getattr(e, "headers", None)))
-    app.include_router(routes(log, llm, alias))
+    app.include_router(routes(log, llm, alias, model_thread))
     return app
 
 
-def routes(log: RequestLog, llm: Llama, alias: str) -> APIRouter:
+def routes(log: RequestLog, llm: Llama, alias: str, model_thread: ModelThread) -> APIRouter:
     router = APIRouter(route_class=OpenAIErrorRoute, dependencies=[Depends(llama_server.authenticate)])
 
     @router.post("/v1/completions")
@@ -175,16 +197,12 @@ def routes(log: RequestLog, llm: Llama, alias: str) -> APIRouter:
                 raise RequestValidationError([{"loc": ("body", "prompt"), "msg": "one prompt per request",
                                                "type": "value_error"}])
             body.prompt = body.prompt[0] if body.prompt else ""
-        if body.stream:
-            return await stream(request, body, Llama.__call__)
-        return await llama_server.create_completion(request, body)
+        return await answer(body, Llama.__call__, model_thread)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: CreateChatCompletionRequest):
         body.model = body.model or alias
-        if body.stream:
-            return await stream(request, body, Llama.create_chat_completion)
-        return await llama_server.create_chat_completion(request, body)
+        return await answer(body, Llama.create_chat_completion, model_thread)
 
     router.add_api_route("/v1/models", llama_server.get_models, methods=["GET"])
     router.add_api_route("/extras/tokenize", llama_server.tokenize, methods=["POST"])
@@ -214,31 +232,35 @@ class HeldStream(EventSourceResponse):
                 await self.release()
 
 
-async def stream(request: Request, body, call):
-    """A streamed answer whose first chunk exists before the response starts: errors before it
-    (unknown model, a prompt too long) are answered as errors. The model is held from the first
-    chunk to the last, and released only once the generation has stopped."""
+async def answer(body, call, model_thread: ModelThread):
+    """call(llm, **request) on the model's thread, holding the model as llama-cpp-python's endpoints
+    do; a streamed answer starts only once its first chunk exists, so that errors before it
+    (unknown model, a prompt too long) are answered as errors, and holds the model until its
+    generation has stopped."""
     kwargs = body.model_dump(exclude=EXCLUDED_FIELDS)
+    if not body.stream:
+        async with contextlib.asynccontextmanager(llama_server.get_llama_proxy)() as proxy:
+            llm = llama_server.prepare_request_resources(body, proxy, body.model, kwargs)
+            return await model_thread.call(call, llm, **kwargs)
     held = contextlib.asynccontextmanager(llama_server.get_llama_proxy)()
     proxy = await held.__aenter__()
     try:
         llm = llama_server.prepare_request_resources(body, proxy, body.model, kwargs)
-        chunks = await run_in_threadpool(call, llm, **kwargs)
-        first = await run_in_threadpool(next, chunks, None)
+        chunks = await model_thread.call(call, llm, **kwargs)
+        first = await model_thread.call(next, chunks, None)
     except BaseException:
         await held.__aexit__(*sys.exc_info())
         raise
 
     async def events():
         try:
-            if first is not None:
-                yield {"data": json.dumps(first)}
-                # a worker thread's next() finishes before a cancel lands: close() then is safe
-                async for chunk in iterate_in_threadpool(chunks):
-                    yield {"data": json.dumps(chunk)}
+            chunk = first
+            while chunk is not None:
+                yield {"data": json.dumps(chunk)}
+                chunk = await model_thread.call(next, chunks, None)
             yield {"data": "[DONE]"}
         finally:
             with anyio.CancelScope(shield=True):
-                await run_in_threadpool(chunks.close)
+                await model_thread.call(chunks.close)
 
     return HeldStream(events(), lambda: held.__aexit__(None, None, None))

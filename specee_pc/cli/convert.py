@@ -157,7 +157,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--model", metavar="MODEL.gguf", help="the model the predictors belong to (required to convert)")
     p.add_argument("-o", "--output", help="predictor GGUF to write")
     add_arguments(p, DecodeOptions, ["offline_layers", "exit_threshold"],
-                  defaults={"exit_threshold": 0.5})  # the file's: what decoding with it defaults to
+                  defaults={"exit_threshold": 0.5},  # the file's: what decoding with it defaults to
+                  default_texts={"offline_layers": "for 32-layer models, SpecEE's Llama-2-7B set"})
     p.add_argument("--trained-drafter", default="eagle", metavar="NAME",
                    help="the drafter whose candidates the predictors were trained on, stored in the file "
                         "(default: eagle)")

@@ -47,23 +47,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         import uvicorn
 
-        from ..server import create_app
+        from ..server import ModelThread, create_app
     except ImportError as e:
         print(f"specee-pc serve: error: the server needs llama-cpp-python's server extra ({e.name} is missing): "
               "pip install 'specee-pc[server]'", file=sys.stderr)
         return 1
+    model_thread = ModelThread()
     try:
         if not 0 <= args.port <= 65535 or args.history < 1:
             raise ValueError(f"--port must be in 0..65535 and --history at least 1, got {args.port} and {args.history}")
-        llm = load_model(args)
+        llm = model_thread.run(load_model, args)
     except (SpeceeError, ValueError) as e:
+        model_thread.close()
         print(f"specee-pc serve: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     alias = args.alias or os.path.splitext(os.path.basename(llm.model_path))[0]
     try:
-        app = create_app(llm, alias, history=args.history, api_key=args.api_key)
+        app = create_app(llm, alias, model_thread, history=args.history, api_key=args.api_key)
         print(f"specee-pc: serving {alias} ({llm.options.mode} decoding) on http://{args.host}:{args.port}/v1 "
               "- Ctrl-C stops", file=sys.stderr, flush=True)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
@@ -78,4 +80,5 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("specee-pc: server stopped", file=sys.stderr)
         return 0
     finally:
-        llm.close()
+        model_thread.run(llm.close)
+        model_thread.close()
