@@ -510,6 +510,15 @@ class Llama(llama_cpp.Llama):
         return speculative_generate(Target(self), drafter, control, prompt, self.speculation_stats,
                                     stop=stopping_criteria)
 
+    def _check_grammar(self, grammar) -> None:
+        """llama_cpp hands its sampler chain whatever llama.cpp makes of a grammar, and a grammar
+        llama.cpp cannot parse makes none: the process would crash at the first sample."""
+        sampler = llama_cpp.llama_sampler_init_grammar(self._model.vocab, grammar._grammar.encode("utf-8"),
+                                                       grammar._root.encode("utf-8"))
+        if not sampler:
+            raise ValueError("grammar: llama.cpp cannot parse it (GBNF; its log says where)")
+        llama_cpp.llama_sampler_free(sampler)
+
     def load_state(self, state) -> None:
         # a saved state knows nothing of the holes its cache may hold or lack
         if self._hook.n_holes or (self._engine is not None and self._engine.kv_policy == "mask"):
@@ -546,6 +555,8 @@ class Llama(llama_cpp.Llama):
     def generate(self, tokens: Sequence[int], **kwargs):
         """llama_cpp.Llama.generate (speculative when configured), recording per-token timing in
         `last_stats` and speculation's rounds in `speculation_stats`."""
+        if kwargs.get("grammar") is not None:
+            self._check_grammar(kwargs["grammar"])
         stats = self.last_stats = GenerationStats(prompt_tokens=len(tokens))
         if self._engine is not None:
             self._engine.reset_stats()

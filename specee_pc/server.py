@@ -102,6 +102,10 @@ class OpenAIErrorRoute(RouteErrorHandler):
             except ModelNotFound as e:
                 return JSONResponse(error_body(str(e), param="model", code="model_not_found"), status_code=404)
             except Exception as e:
+                if isinstance(e, ValueError) and not any(p.search(str(e)) for p in self.pattern_and_formatters):
+                    # llama-cpp-python's ValueErrors are its arguments' (a grammar, a stop list):
+                    # the request's fault, where its route class answers 500 with a traceback
+                    return JSONResponse(error_body(str(e)), status_code=400)
                 body = await parsed_body(request)
                 status, error = self.error_message_wrapper(error=e, body=body)
                 return JSONResponse({"error": error}, status_code=status)

@@ -1,4 +1,5 @@
 """specee_pc.Llama behaves exactly like llama_cpp.Llama on the same model."""
+import llama_cpp
 import pytest
 
 import specee_pc
@@ -118,3 +119,11 @@ def test_weights_stay_out_of_the_amx_store(model_path, reference, llm, monkeypat
     assert bench_main(["--per-set", "1", "--runs", "1"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "GGML_NATIVE=OFF" in err, err
+
+
+def test_a_grammar_llama_cpp_cannot_parse_is_an_error_not_a_crash(llm):
+    bad = llama_cpp.LlamaGrammar.from_string("root ::= (", verbose=False)
+    with pytest.raises(ValueError, match="grammar"):
+        llm.create_completion("The answer is", max_tokens=4, grammar=bad)
+    good = llama_cpp.LlamaGrammar.from_string('root ::= "yes" | "no"', verbose=False)
+    assert llm.create_completion("The answer is", max_tokens=4, grammar=good)["choices"][0]["text"] in ("yes", "no")

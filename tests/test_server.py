@@ -138,6 +138,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     with pytest.raises(openai.BadRequestError) as e:
         server.client.completions.create(model=server.alias, prompt="hi", max_tokens=-5)
     assert "max_tokens" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        server.client.completions.create(model=server.alias, prompt="hi", extra_body={"grammar": "root ::= ("})
     status, body = server.post("/v1/chat/completions", b'{"messages": [')
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     status, body = server.post("/v1/completions", json.dumps({"prompt": "The sky is", "max_tokens": 4}).encode())
