@@ -332,11 +332,9 @@ class SpeculationControl:
     # best, so its estimate errs high more often than low
     MARGIN = 1.05
 
-    def __init__(self, costs: BatchCosts, adaptive: bool = True, fixed_length: Optional[int] = None,
-                 head: Optional[HeadPriors] = None):
+    def __init__(self, costs: BatchCosts, fixed_length: Optional[int] = None, head: Optional[HeadPriors] = None):
         self.costs = costs
         self.tracker = AcceptanceTracker(head=head)
-        self.adaptive = adaptive
         self.fixed_length = fixed_length     # verify exactly this many drafts when there are as many
         self.draft_ms: Dict[str, float] = {}  # per draft token, per drafter (followed as they run)
         self.rounds = 0
@@ -377,8 +375,8 @@ class SpeculationControl:
         for i, d in enumerate(drafts):
             if not d.confidence:
                 continue
-            if self.fixed_length is not None or not self.adaptive:
-                return i, min(self.fixed_length or len(d.confidence), len(d.confidence))
+            if self.fixed_length is not None:
+                return i, min(self.fixed_length, len(d.confidence))
             g, rate = self.rate(d.source, d.confidence)
             if g > 0 and rate > best_rate:
                 best, best_g, best_rate = i, g, rate

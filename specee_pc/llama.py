@@ -67,7 +67,7 @@ class Llama(llama_cpp.Llama):
         ModelOptions(**{name: kwargs[name] for name in ("n_ctx", "n_threads", "n_gpu_layers")
                         if kwargs.get(name) is not None})
         decode = {name: kwargs.pop(name) for name in DECODE_FIELDS if name in kwargs}
-        options = (options or DecodeOptions()).replace(**decode) if decode else (options or DecodeOptions())
+        options = (options or DecodeOptions()).replace(**decode)
         # our own checks first: llama.cpp would only say "failed to load model"
         self.weights = open_weights(model_path)
         n_gpu_layers = kwargs.get("n_gpu_layers", 0)
@@ -184,9 +184,7 @@ class Llama(llama_cpp.Llama):
         """Decode the next generations with these options, or the current ones with `changes`:
         speculation, early exit or plain, as options.mode says. The new configuration is built and
         checked first: on an error the current one stays."""
-        options = options or self.options
-        if changes:
-            options = options.replace(**changes)
+        options = (options or self.options).replace(**changes)
         if options.mode == "speculate":
             self._configure_speculation(options)
         else:
@@ -209,9 +207,9 @@ class Llama(llama_cpp.Llama):
 
     def _configure_exits(self, options: Optional[DecodeOptions]) -> None:
         """Early exit as options say (None: off)."""
-        predictor, drafter = (options.predictor, options.exit_drafter) if options else (None, "auto")
-        force_exit_layers = options.force_exit_layers if options else ()
-        kv_policy = options.kv_policy if options else "exact"
+        options = options or DecodeOptions()
+        predictor, drafter, kv_policy = options.predictor, options.exit_drafter, options.kv_policy
+        force_exit_layers = options.force_exit_layers
         if predictor == "auto":
             predictor = shipped_predictor_path(self.weights)
         engine, owned = None, None

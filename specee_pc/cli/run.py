@@ -36,7 +36,7 @@ def build_parser() -> ArgumentParser:
 
 
 def add_model_arguments(p) -> None:
-    add_arguments(p, ModelOptions, ["n_ctx", "n_threads", "n_gpu_layers", "offload_first_layers"])
+    add_arguments(p, ModelOptions)
 
 
 def add_decode_arguments(p) -> None:

@@ -1,4 +1,5 @@
 """`specee-pc serve`: an OpenAI-compatible HTTP server for one GGUF model (needs the [server] extra)."""
+import argparse
 import os
 import sys
 from typing import List, Optional
@@ -20,8 +21,6 @@ at a time; concurrent clients queue. Ctrl-C stops the server.
 
 
 def build_parser() -> ArgumentParser:
-    import argparse
-
     p = ArgumentParser(prog="specee-pc serve", description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", metavar="MODEL.gguf",
